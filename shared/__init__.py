@@ -1,0 +1,1 @@
+"""Pure leaf of helora: messages, wire codec, LoRA tensor operations, settings, errors."""

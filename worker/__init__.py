@@ -1,0 +1,1 @@
+"""The worker: model + peft at a given rank, data partitions, local training, the client loop."""
