@@ -31,6 +31,23 @@ class AdapterSpec:
             lora_alpha=float(lora_alpha),
         )
 
+    @classmethod
+    def from_rank_adapter(cls, model_id: str, tensors: Tensors, max_rank: int,
+                          lora_alpha: float) -> AdapterSpec:
+        """The spec at rank R seen from a client's adapter of a lower rank."""
+        rank = rank_of(tensors)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for n, t in sorted(tensors.items()):
+            if is_lora_a(n):
+                shapes[n] = (max_rank, *t.shape[1:])
+            elif is_lora_b(n):
+                shapes[n] = (t.shape[0], max_rank)
+            else:
+                shapes[n] = tuple(t.shape)
+        if rank > max_rank:
+            raise ValueError(f"rank {rank} exceeds the max rank {max_rank}")
+        return cls(model_id=model_id, max_rank=max_rank, shapes=shapes, lora_alpha=float(lora_alpha))
+
     def shape_at_rank(self, name: str, rank: int) -> tuple[int, ...]:
         shape = self.shapes[name]
         if is_lora_a(name):

@@ -1,0 +1,119 @@
+"""One frozen settings object per process: pydantic-settings, env prefix HELORA_, nested with __.
+
+Built once in the CLI from flags + environment (flags win) and passed down; nothing else reads
+os.environ. Examples: HELORA_AMQP_URL, HELORA_FEDERATION, HELORA_AGGREGATOR__BUFFER_SIZE=8,
+HELORA_WORKER__LR=0.001.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from helora.shared.errors import ConfigError
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSettings(_Frozen):
+    model: str = "packaged"  # the packaged all-MiniLM-L6-v2; or a local path / hub id
+    max_rank: int = Field(8, ge=1, le=1024)  # R
+    lora_alpha: float = Field(16.0, gt=0)  # alpha at rank R; every client uses scale alpha/R
+    target_modules: tuple[str, ...] = ("query", "value")
+    max_length: int = Field(64, ge=8, le=4096)
+    seed: int = 0  # seed of the version-0 global (LoRA A init and classifier head)
+
+
+class AggregatorSettings(_Frozen):
+    method: Literal["pad"] = "pad"
+    checkpoint_dir: Path = Path("checkpoints")
+    keep_checkpoints: int = Field(3, ge=1)
+    padding: Literal["zero", "mean", "context", "adjacent"] = "context"
+    weighting: Literal["data", "rank", "coverage"] = "rank"
+    beta: float = Field(1.0, ge=0)
+    staleness: Literal["polynomial", "hinge", "constant"] = "polynomial"
+    staleness_a: float = Field(0.5, ge=0)
+    hinge_b: int = Field(4, ge=0)
+    max_staleness: int = Field(8, ge=0)
+    buffer_size: int = Field(4, ge=1)
+    buffer_timeout: float = Field(60.0, gt=0)  # seconds: apply a partial buffer after this
+    server_lr: float = Field(1.0, gt=0)
+    allowed_ranks: tuple[int, ...] = ()  # empty: any rank 1..R
+    wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class WorkerSettings(_Frozen):
+    client_id: str = "client-0"
+    rank: int = Field(4, ge=1)
+    data: str = "../shared/data/sst2"
+    partition: str = "0/1"  # I/N
+    scheme: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0)  # Dirichlet concentration
+    max_train: int | None = Field(None, ge=1)  # cap on the training pool before partitioning
+    steps: int = Field(20, ge=1)  # E local steps per update
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    slowness: float = Field(1.0, ge=1.0)  # 2.0 = takes twice as long as it trains
+    max_updates: int = Field(0, ge=0)  # 0: until a signal
+    wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    outbox_dir: Path = Path("outbox")
+    data_seed: int = 0
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("client id: 1-64 of letters, digits, '_', '.', '-'")
+        return v
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="HELORA_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    amqp_url: SecretStr = SecretStr(DEFAULT_AMQP_URL)
+    federation: str = "default"  # every exchange and queue name derives from it
+    heartbeat: int = Field(30, ge=0)  # seconds
+    connect_attempts: int = Field(10, ge=1)
+    torch_threads: int = Field(1, ge=0)  # 0: torch's default
+    model: ModelSettings = ModelSettings()
+    aggregator: AggregatorSettings = AggregatorSettings()
+    worker: WorkerSettings = WorkerSettings()
+
+    @field_validator("federation")
+    @classmethod
+    def _federation(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("federation: 1-64 of letters, digits, '_', '.', '-'")
+        return v
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Environment + overrides (None values are ignored, so unset CLI flags fall through)."""
+    clean = _drop_none(overrides)
+    try:
+        return Settings(**clean)
+    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        raise ConfigError(f"invalid settings: {exc}") from exc
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _drop_none(v)
+            if v:
+                out[k] = v
+        elif v is not None:
+            out[k] = v
+    return out
