@@ -34,7 +34,7 @@ test-unit:
 
 lint:
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q tests/unit/test_import_rules.py
 
 broker:
 	$(PY) -c "from helora.localbroker import ensure_broker; from helora.shared.settings import load_settings; print(ensure_broker(load_settings().amqp_url.get_secret_value())[0])"

@@ -1,0 +1,148 @@
+"""Local training (E optimizer steps of AdamW) and evaluation of a LoraClassifier.
+
+Texts are tokenised per batch (truncation to the model's max_length, dynamic padding). Batches are
+drawn from a generator seeded with (TrainConfig.seed, step), so successive rounds of one client see
+different batches and a run is reproducible. Dropout draws from torch's global generator, which is
+seeded the same way inside a forked RNG state (the caller's RNG is left untouched).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from helora.worker.model import LoraClassifier
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 20  # E local optimizer steps
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def _mix_seed(seed: int, step: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[list[int]]:
+    """Endless batches of ``batch_size`` indices, walking through fresh permutations of 0..n-1."""
+    pool: list[int] = []
+    while True:
+        while len(pool) < batch_size:
+            pool.extend(torch.randperm(n, generator=gen).tolist())
+        yield pool[:batch_size]
+        del pool[:batch_size]
+
+
+def _encode(clf: LoraClassifier, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    return clf.tokenizer(
+        list(texts),
+        truncation=True,
+        max_length=clf.config.max_length,
+        padding=True,
+        return_tensors="pt",
+    )
+
+
+def _check_data(texts: Sequence[str], labels: Sequence[int]) -> None:
+    if len(texts) != len(labels):
+        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+    if len(texts) == 0:
+        raise ValueError("no examples")
+
+
+def train_local(
+    clf: LoraClassifier,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    cfg: TrainConfig,
+    *,
+    step: int = 0,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, float]:
+    """Run up to ``cfg.steps`` AdamW steps on the trainable parameters (LoRA A/B and the head).
+
+    ``step`` distinguishes successive calls (e.g. the round or base version) in the batch seed.
+    ``should_stop`` is polled before every step; training ends early when it returns True.
+    Returns ``train_loss`` (mean over the steps taken; NaN if none), ``steps`` and
+    ``examples_seen``.
+    """
+    _check_data(texts, labels)
+    if cfg.steps < 0 or cfg.batch_size < 1:
+        raise ValueError(f"invalid train config {cfg}")
+    model = clf.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    seed = _mix_seed(cfg.seed, step)
+    gen = torch.Generator().manual_seed(seed)
+    batches = _batches(len(texts), min(cfg.batch_size, len(texts)), gen)
+
+    was_training = model.training
+    model.train()
+    total_loss = 0.0
+    done = 0
+    seen = 0
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for _ in range(cfg.steps):
+                if should_stop is not None and should_stop():
+                    break
+                idx = next(batches)
+                enc = _encode(clf, [texts[i] for i in idx])
+                target = torch.tensor([int(labels[i]) for i in idx], dtype=torch.long)
+                loss = model(**enc, labels=target).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total_loss += float(loss.detach())
+                done += 1
+                seen += len(idx)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {
+        "train_loss": total_loss / done if done else math.nan,
+        "steps": done,
+        "examples_seen": seen,
+    }
+
+
+def evaluate(
+    clf: LoraClassifier,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    *,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``clf`` on the examples, in eval mode."""
+    _check_data(texts, labels)
+    model = clf.model
+    was_training = model.training
+    model.eval()
+    correct = 0
+    loss_sum = 0.0
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                enc = _encode(clf, texts[start : start + batch_size])
+                target = torch.tensor(
+                    [int(y) for y in labels[start : start + batch_size]], dtype=torch.long
+                )
+                logits = model(**enc).logits
+                loss_sum += float(
+                    torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+                )
+                correct += int((logits.argmax(dim=-1) == target).sum())
+    finally:
+        model.train(was_training)
+    n = len(texts)
+    return {"accuracy": correct / n, "loss": loss_sum / n}
