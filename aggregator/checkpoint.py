@@ -79,8 +79,11 @@ class CheckpointStore:
         final = self.root / name
         tmp = self.root / f".tmp-{name}-{os.getpid()}"
         tmp.mkdir()
-        save_file({n: t.contiguous() for n, t in ckpt.adapter.items()}, str(tmp / ADAPTER_FILE),
-                  metadata={"format": "pt"})
+        save_file(
+            {n: t.contiguous() for n, t in ckpt.adapter.items()},
+            str(tmp / ADAPTER_FILE),
+            metadata={"format": "pt"},
+        )
         _write_json(tmp / CONFIG_FILE, self.adapter_config)
         _write_json(tmp / MANIFEST_FILE, ckpt.manifest())
         _write_json(tmp / LEDGER_FILE, ckpt.ledger)
@@ -161,4 +164,3 @@ def _fsync(path: Path) -> None:
 
 def _fsync_dir(path: Path) -> None:
     _fsync(path)
-

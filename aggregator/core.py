@@ -101,7 +101,7 @@ class CoreState:
 
 
 class AggregatorCore:
-    """HeLoRA-Pad as a state machine. Feed decoded updates to ``offer``; call ``flush`` on a timer."""
+    """HeLoRA-Pad as a state machine: ``offer`` decoded updates; ``flush`` on a timer."""
 
     method = "pad"
 
@@ -124,8 +124,9 @@ class AggregatorCore:
     def buffer_fill(self) -> int:
         return len(self._buffer_ids)
 
-    def global_adapter(self, update_ids: tuple[str, ...] = (), parent: int | None = None,
-                       created_at: float = 0.0) -> GlobalAdapter:
+    def global_adapter(
+        self, update_ids: tuple[str, ...] = (), parent: int | None = None, created_at: float = 0.0
+    ) -> GlobalAdapter:
         return GlobalAdapter(
             version=self.state.version,
             parent_version=self.state.version - 1 if parent is None else parent,

@@ -33,8 +33,9 @@ class Staleness(StrEnum):
     CONSTANT = "constant"  # s(u) = 1: staleness weighting off
 
 
-def staleness_weight(u: int, kind: Staleness | str = Staleness.POLYNOMIAL, a: float = 0.5,
-                     b: int = 4) -> float:
+def staleness_weight(
+    u: int, kind: Staleness | str = Staleness.POLYNOMIAL, a: float = 0.5, b: int = 4
+) -> float:
     """The factor s(u) applied to an update that is ``u`` versions stale (u >= 0)."""
     if u < 0:
         raise ValueError(f"staleness must be >= 0, got {u}")
@@ -46,8 +47,13 @@ def staleness_weight(u: int, kind: Staleness | str = Staleness.POLYNOMIAL, a: fl
     return 1.0
 
 
-def update_weight(num_examples: int, rank: int, max_rank: int,
-                  weighting: Weighting | str = Weighting.RANK, beta: float = 1.0) -> float:
+def update_weight(
+    num_examples: int,
+    rank: int,
+    max_rank: int,
+    weighting: Weighting | str = Weighting.RANK,
+    beta: float = 1.0,
+) -> float:
     """The unnormalised weight of one update (before staleness)."""
     weighting = Weighting(weighting)
     if weighting is Weighting.RANK:

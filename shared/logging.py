@@ -1,4 +1,4 @@
-"""structlog setup, called once by the CLI: JSON lines when stderr is not a TTY, console otherwise."""
+"""structlog setup, called once by the CLI: JSON lines unless stderr is a TTY."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info if json else structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info
+            if json
+            else structlog.processors.StackInfoRenderer(),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

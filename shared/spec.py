@@ -32,8 +32,9 @@ class AdapterSpec:
         )
 
     @classmethod
-    def from_rank_adapter(cls, model_id: str, tensors: Tensors, max_rank: int,
-                          lora_alpha: float) -> AdapterSpec:
+    def from_rank_adapter(
+        cls, model_id: str, tensors: Tensors, max_rank: int, lora_alpha: float
+    ) -> AdapterSpec:
         """The spec at rank R seen from a client's adapter of a lower rank."""
         rank = rank_of(tensors)
         shapes: dict[str, tuple[int, ...]] = {}
@@ -46,7 +47,9 @@ class AdapterSpec:
                 shapes[n] = tuple(t.shape)
         if rank > max_rank:
             raise ValueError(f"rank {rank} exceeds the max rank {max_rank}")
-        return cls(model_id=model_id, max_rank=max_rank, shapes=shapes, lora_alpha=float(lora_alpha))
+        return cls(
+            model_id=model_id, max_rank=max_rank, shapes=shapes, lora_alpha=float(lora_alpha)
+        )
 
     def shape_at_rank(self, name: str, rank: int) -> tuple[int, ...]:
         shape = self.shapes[name]

@@ -16,10 +16,16 @@ A = "base_model.model.l.query.lora_A.weight"
 
 def ckpt(version: int) -> Checkpoint:
     return Checkpoint(
-        version=version, parent_version=version - 1, method="pad", max_rank=4,
-        fingerprint="sha256:x", adapter={A: torch.full((4, 3), float(version))},
-        update_ids=(f"u{version}",), ledger={f"u{v}": v for v in range(1, version + 1)},
-        counters=Counter(applied=version), staleness_hist=Counter({0: version}),
+        version=version,
+        parent_version=version - 1,
+        method="pad",
+        max_rank=4,
+        fingerprint="sha256:x",
+        adapter={A: torch.full((4, 3), float(version))},
+        update_ids=(f"u{version}",),
+        ledger={f"u{v}": v for v in range(1, version + 1)},
+        counters=Counter(applied=version),
+        staleness_hist=Counter({0: version}),
     )
 
 

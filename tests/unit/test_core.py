@@ -138,8 +138,9 @@ def test_coverage_averages_each_component_over_covering_updates_only():
     torch.testing.assert_close(got[2:], u4.tensors[A][2:])  # only the rank-4 update covers them
     got_b = c.state.adapter[B] - before[B]
     torch.testing.assert_close(got_b[:, 2:], u4.tensors[B][:, 2:])
-    torch.testing.assert_close(c.state.adapter[H] - before[H],
-                               (30 * u2.tensors[H] + 10 * u4.tensors[H]) / 40)
+    torch.testing.assert_close(
+        c.state.adapter[H] - before[H], (30 * u2.tensors[H] + 10 * u4.tensors[H]) / 40
+    )
 
 
 def test_coverage_leaves_uncovered_components_unchanged():
@@ -229,8 +230,18 @@ def _bad(kind):
 
 @pytest.mark.parametrize(
     "kind",
-    ["fingerprint", "rank_high", "rank_zero", "examples", "future", "names", "shape", "nan", "inf",
-     "dtype"],
+    [
+        "fingerprint",
+        "rank_high",
+        "rank_zero",
+        "examples",
+        "future",
+        "names",
+        "shape",
+        "nan",
+        "inf",
+        "dtype",
+    ],
 )
 def test_rejections_table_leave_state_unchanged(kind):
     c = core(buffer_size=1)

@@ -12,8 +12,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-FOLDERS = {"shared": "helora.shared", "broker": "helora.broker",
-           "aggregator": "helora.aggregator", "worker": "helora.worker", "helora": "helora"}
+FOLDERS = {
+    "shared": "helora.shared",
+    "broker": "helora.broker",
+    "aggregator": "helora.aggregator",
+    "worker": "helora.worker",
+    "helora": "helora",
+}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -46,8 +51,18 @@ def test_every_folder_has_modules():
 
 
 def test_shared_is_a_leaf():
-    assert not offenders("shared", ("helora.broker", "helora.aggregator", "helora.worker",
-                                    "helora.cli", "helora.runtime", "helora.demo", "pika"))
+    assert not offenders(
+        "shared",
+        (
+            "helora.broker",
+            "helora.aggregator",
+            "helora.worker",
+            "helora.cli",
+            "helora.runtime",
+            "helora.demo",
+            "pika",
+        ),
+    )
 
 
 def test_only_broker_imports_pika():
@@ -67,6 +82,15 @@ def test_aggregator_never_imports_transformers_or_peft():
 @pytest.mark.parametrize("module", ["core.py", "strategies.py"])
 def test_aggregation_core_is_pure(module):
     names = imports_of(REPO / "aggregator" / module)
-    forbidden = ("helora.broker", "pika", "transformers", "peft", "os", "socket", "pathlib",
-                 "structlog", "safetensors")
+    forbidden = (
+        "helora.broker",
+        "pika",
+        "transformers",
+        "peft",
+        "os",
+        "socket",
+        "pathlib",
+        "structlog",
+        "safetensors",
+    )
     assert not [n for n in names if n.split(".")[0] in forbidden or n.startswith(forbidden)]

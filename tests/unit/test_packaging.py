@@ -16,9 +16,20 @@ SUBPACKAGES = ["helora", "helora/shared", "helora/broker", "helora/aggregator", 
 @pytest.mark.slow
 def test_wheel_contains_every_subpackage_and_no_bare_top_level(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(REPO)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
     )
     (wheel,) = tmp_path.glob("helora-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -27,8 +38,12 @@ def test_wheel_contains_every_subpackage_and_no_bare_top_level(tmp_path):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"helora"}, top
     # every module in the source folders made it into the wheel
-    for folder, pkg in [("shared", "helora/shared"), ("broker", "helora/broker"),
-                        ("aggregator", "helora/aggregator"), ("worker", "helora/worker")]:
+    for folder, pkg in [
+        ("shared", "helora/shared"),
+        ("broker", "helora/broker"),
+        ("aggregator", "helora/aggregator"),
+        ("worker", "helora/worker"),
+    ]:
         for src in (REPO / folder).glob("*.py"):
             assert f"{pkg}/{src.name}" in names, src
 

@@ -1,0 +1,306 @@
+"""The long-lived aggregator: broker + core + checkpoint store.
+
+Per delivery: decode (limits first) -> core.offer -> by decision:
+  Buffered  -> keep the delivery unacked
+  Applied   -> checkpoint (atomic) -> publish the new global (confirmed) -> ack the buffer
+  Rejected  -> dead-letter with the reason (confirmed) -> ack
+  Duplicate -> ack (counted, not applied)
+A timer applies a partial buffer after ``buffer_timeout`` seconds. On start the service resumes
+from its last checkpoint (or checkpoints version 0) and publishes the current global, so a crash
+between checkpoint and publish is repaired by the restart. SIGTERM/SIGINT stop it cleanly:
+unacked deliveries return to the queue, nothing is lost.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from helora.aggregator.checkpoint import Checkpoint, CheckpointStore, write_json_atomic
+from helora.aggregator.core import (
+    AggregatorCore,
+    Applied,
+    Buffered,
+    CoreState,
+    Decision,
+    Duplicate,
+    PadConfig,
+    Rejected,
+)
+from helora.broker.connection import close_connection, connect
+from helora.broker.consumer import (
+    KIND_HEADER,
+    VERSION_HEADER,
+    Delivery,
+    UpdateConsumer,
+    dead_letter,
+)
+from helora.broker.publisher import ConfirmedPublisher
+from helora.broker.topology import Topology, declare_topology
+from helora.shared.errors import DecodeError
+from helora.shared.messages import Tensors
+from helora.shared.settings import Settings
+from helora.shared.spec import AdapterSpec
+from helora.shared.wire import WireLimits, decode_update, encode_global
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class RunSummary:
+    version: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+    def line(self) -> str:
+        parts = " ".join(f"{k}={v}" for k, v in sorted(self.outcomes.items()))
+        return f"aggregator stopped at version {self.version}: {parts or 'no updates'}"
+
+
+def pad_config(settings: Settings) -> PadConfig:
+    a = settings.aggregator
+    return PadConfig(
+        padding=a.padding,
+        weighting=a.weighting,
+        beta=a.beta,
+        staleness=a.staleness,
+        staleness_a=a.staleness_a,
+        hinge_b=a.hinge_b,
+        max_staleness=a.max_staleness,
+        buffer_size=a.buffer_size,
+        server_lr=a.server_lr,
+        allowed_ranks=frozenset(a.allowed_ranks) or None,
+    )
+
+
+class AggregatorService:
+    def __init__(
+        self,
+        settings: Settings,
+        spec: AdapterSpec,
+        adapter_config: dict[str, Any],
+        initial_adapter: Callable[[], Tensors],
+    ) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.topo = Topology(settings.federation)
+        self.store = CheckpointStore(
+            settings.aggregator.checkpoint_dir,
+            adapter_config=adapter_config,
+            keep=settings.aggregator.keep_checkpoints,
+        )
+        self.core = AggregatorCore(spec, pad_config(settings), self._resume(initial_adapter))
+        self.limits = WireLimits()
+        self._pending: list[int] = []  # delivery tags of the buffered updates
+        self._buffer_started: float | None = None
+        self._stop = False
+        self.session = Counter[str]()
+
+    # ---- startup ----
+
+    def _resume(self, initial_adapter: Callable[[], Tensors]) -> CoreState:
+        ckpt = self.store.load_latest()
+        if ckpt is None:
+            state = CoreState(version=0, adapter=initial_adapter())
+            self._checkpoint(state, parent=-1, update_ids=())
+            log.info("initialised_global", version=0, checkpoint=str(self.store.latest_path()))
+            return state
+        if ckpt.fingerprint != self.spec.fingerprint or ckpt.method != "pad":
+            raise SystemExit(
+                f"checkpoint {ckpt.path} is for another model/method "
+                f"({ckpt.method}, {ckpt.fingerprint}); use another --checkpoint-dir"
+            )
+        log.info(
+            "resumed", version=ckpt.version, checkpoint=str(ckpt.path), applied=len(ckpt.ledger)
+        )
+        return CoreState(
+            ckpt.version, ckpt.adapter, dict(ckpt.ledger), ckpt.counters, ckpt.staleness_hist
+        )
+
+    def _checkpoint(self, state: CoreState, parent: int, update_ids: tuple[str, ...]) -> None:
+        self.store.save(
+            Checkpoint(
+                version=state.version,
+                parent_version=parent,
+                method="pad",
+                max_rank=self.spec.max_rank,
+                fingerprint=self.spec.fingerprint,
+                adapter=state.adapter,
+                update_ids=update_ids,
+                ledger=state.applied,
+                counters=state.counters,
+                staleness_hist=state.staleness_hist,
+                created_at=time.time(),
+            )
+        )
+
+    # ---- main loop ----
+
+    def run(self, *, install_signal_handlers: bool = True) -> RunSummary:
+        if install_signal_handlers:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        s = self.settings
+        self.connection = connect(
+            s.amqp_url.get_secret_value(),
+            heartbeat=s.heartbeat,
+            attempts=s.connect_attempts,
+            name="helora-aggregator",
+        )
+        try:
+            declare_topology(self.connection.channel(), self.topo)
+            self.publisher = ConfirmedPublisher(self.connection)
+            self._publish_global(update_ids=())
+            self.consumer = UpdateConsumer(
+                self.connection, self.topo, prefetch=max(2 * s.aggregator.buffer_size, 16)
+            )
+            self.consumer.start(self._on_delivery)
+            log.info(
+                "aggregator_ready",
+                federation=s.federation,
+                version=self.core.version,
+                buffer_size=s.aggregator.buffer_size,
+                queue=self.topo.updates_queue,
+            )
+            while not self._stop:
+                self.consumer.poll(0.5)
+                self._flush_if_due()
+        finally:
+            close_connection(self.connection)  # unacked deliveries return to the queue
+            self._write_status()
+        summary = RunSummary(self.core.version, self.session)
+        log.info("aggregator_stopped", version=self.core.version, **dict(self.session))
+        return summary
+
+    def _write_status(self) -> None:
+        """status.json beside the checkpoints: cumulative counters, including rejections after
+        the last checkpoint (read by `helora demo` and by operators)."""
+        st = self.core.state
+        doc = {
+            "version": st.version,
+            "checkpoint": str(self.store.latest_path()),
+            "counters": dict(st.counters),
+            "staleness_hist": {str(k): v for k, v in sorted(st.staleness_hist.items())},
+            "session": dict(self.session),
+            "buffered_not_applied": self.core.buffer_fill,
+        }
+        write_json_atomic(self.store.root / "status.json", doc)
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        self._stop = True
+
+    def _on_delivery(self, d: Delivery) -> None:
+        try:
+            update = decode_update(d.body, self.limits)
+        except DecodeError as exc:
+            self._reject(d, exc.reason, exc.detail, client=d.routing_key)
+            return
+        if update.client_id != d.routing_key:
+            self._reject(
+                d,
+                "client_id_mismatch",
+                f"payload {update.client_id!r} vs routing key {d.routing_key!r}",
+                client=d.routing_key,
+            )
+            return
+        decision: Decision = self.core.offer(update)
+        if isinstance(decision, Rejected):
+            self._reject(
+                d,
+                decision.reason,
+                decision.detail,
+                client=update.client_id,
+                update_id=update.update_id,
+                counted=True,
+            )
+        elif isinstance(decision, Duplicate):
+            self.consumer.ack(d.tag)
+            self.session["duplicate"] += 1
+            log.info("update_duplicate", update_id=update.update_id, client=update.client_id)
+        else:
+            self._pending.append(d.tag)
+            if self._buffer_started is None:
+                self._buffer_started = time.monotonic()
+            staleness = decision.staleness if isinstance(decision, Buffered) else None
+            log.info(
+                "update_accepted",
+                update_id=update.update_id,
+                client=update.client_id,
+                rank=update.rank,
+                base_version=update.base_version,
+                staleness=staleness if staleness is not None else decision.staleness[-1],
+                examples=update.num_examples,
+            )
+            if isinstance(decision, Applied):
+                self._commit(decision)
+
+    def _reject(
+        self,
+        d: Delivery,
+        reason: str,
+        detail: str,
+        *,
+        client: str,
+        update_id: str | None = None,
+        counted: bool = False,
+    ) -> None:
+        dead_letter(self.publisher, self.topo, d, reason, detail)
+        self.consumer.ack(d.tag)
+        if not counted:  # the core counts its own rejections
+            self.core.state.counters[f"rejected:{reason}"] += 1
+        self.session[f"rejected:{reason}"] += 1
+        log.warning(
+            "update_rejected",
+            reason=reason,
+            detail=detail[:200],
+            client=client,
+            update_id=update_id,
+        )
+
+    def _flush_if_due(self) -> None:
+        if self._buffer_started is None:
+            return
+        if time.monotonic() - self._buffer_started >= self.settings.aggregator.buffer_timeout:
+            applied = self.core.flush()
+            if applied is not None:
+                self._commit(applied)
+
+    def _commit(self, applied: Applied) -> None:
+        """Checkpoint, publish, then ack: in this order, so a crash never loses an update."""
+        self._checkpoint(self.core.state, applied.parent_version, applied.update_ids)
+        self._publish_global(update_ids=applied.update_ids)
+        for tag in self._pending:
+            self.consumer.ack(tag)
+        self._pending.clear()
+        self._buffer_started = None
+        self.session["applied"] += len(applied.update_ids)
+        self.session["versions"] += 1
+        log.info(
+            "version_published",
+            version=applied.version,
+            updates=len(applied.update_ids),
+            staleness=list(applied.staleness),
+        )
+
+    def _publish_global(self, update_ids: tuple[str, ...]) -> None:
+        g = self.core.global_adapter(update_ids=update_ids, created_at=time.time())
+        body = encode_global(g, wire_dtype=self.settings.aggregator.wire_dtype)
+        self.publisher.publish(
+            self.topo.global_exchange,
+            "",
+            body,
+            headers={
+                KIND_HEADER: "global",
+                VERSION_HEADER: g.version,
+            },
+            message_id=f"global-{g.version}",
+        )

@@ -1,0 +1,3 @@
+from helora.cli import app
+
+app(prog_name="helora")

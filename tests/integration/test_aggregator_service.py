@@ -1,0 +1,137 @@
+"""The aggregator service on a real broker, with a small synthetic adapter (no model needed)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+import torch
+
+from helora.aggregator.checkpoint import load_checkpoint
+from helora.aggregator.service import AggregatorService
+from helora.broker.connection import close_connection, connect
+from helora.broker.consumer import REASON_HEADER, GlobalSubscriber
+from helora.broker.publisher import ConfirmedPublisher
+from helora.broker.topology import Topology, declare_topology
+from helora.shared.messages import AdapterUpdate
+from helora.shared.settings import load_settings
+from helora.shared.spec import AdapterSpec
+from helora.shared.wire import decode_global, encode_update
+
+pytestmark = pytest.mark.integration
+
+A = "base_model.model.layer.0.query.lora_A.weight"
+B = "base_model.model.layer.0.query.lora_B.weight"
+H = "base_model.model.classifier.weight"
+R = 4
+DECODE_REASONS = {"bad_compression", "no_content_size", "bad_msgpack", "too_large"}
+
+
+def initial():
+    g = torch.Generator().manual_seed(0)
+    return {
+        A: torch.randn(R, 6, generator=g),
+        B: torch.zeros(5, R),
+        H: torch.randn(2, 6, generator=g),
+    }
+
+
+SPEC = AdapterSpec.from_tensors("synthetic", initial(), 8.0)
+
+
+def update(client, rank, base, uid=None):
+    return AdapterUpdate(
+        update_id=uid or uuid.uuid4().hex,
+        client_id=client,
+        rank=rank,
+        base_version=base,
+        num_examples=10,
+        fingerprint=SPEC.fingerprint,
+        tensors={
+            A: torch.full((rank, 6), 0.1),
+            B: torch.full((5, rank), 0.1),
+            H: torch.full((2, 6), 0.1),
+        },
+    )
+
+
+class Running:
+    def __init__(self, settings):
+        self.service = AggregatorService(settings, SPEC, {"r": R}, initial)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.summary = None
+        self.thread.start()
+
+    def _run(self):
+        self.summary = self.service.run(install_signal_handlers=False)
+
+    def stop(self):
+        self.service.stop()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
+
+
+def test_service_applies_rejects_dedups_checkpoints_and_resumes(amqp_url, federation, tmp_path):
+    settings = load_settings(
+        amqp_url=amqp_url,
+        federation=federation,
+        aggregator=dict(checkpoint_dir=tmp_path / "ckpt", buffer_size=2, buffer_timeout=30),
+    )
+    topo = Topology(federation)
+    conn = connect(amqp_url, attempts=3)
+    declare_topology(conn.channel(), topo)
+    sub = GlobalSubscriber(conn, topo, offset="first")
+    running = Running(settings)
+    try:
+        got = sub.wait_newer(-1, timeout=20)
+        assert got is not None and got[0] == 0  # version 0 published at start
+        pub = ConfirmedPublisher(conn)
+        first, second = update("c1", 2, 0, uid="dup-me"), update("c2", 4, 0)
+        for u in (first, second):
+            pub.publish(topo.updates_exchange, u.client_id, encode_update(u))
+        got = sub.wait_newer(0, timeout=20)
+        assert got is not None and got[0] == 1
+        g1 = decode_global(got[1])
+        assert sorted(g1.update_ids) == sorted(["dup-me", second.update_id])
+        assert not torch.equal(g1.slots[R][H], initial()[H])
+        # garbage, a wrong rank and a duplicate: dead-lettered / acked, the global unchanged
+        pub.publish(topo.updates_exchange, "c3", b"\x00not an envelope")
+        pub.publish(topo.updates_exchange, "c3", encode_update(update("c3", R + 1, 1)))
+        pub.publish(topo.updates_exchange, "c1", encode_update(first))
+        spoof = update("c9", 2, 1)
+        pub.publish(topo.updates_exchange, "c1", encode_update(spoof))  # payload says c9
+        reasons = _dead_reasons(conn, topo, 3)
+        assert len(reasons) == 3, reasons
+        assert reasons[1:] == ["bad_rank", "client_id_mismatch"], reasons
+        assert reasons[0] in DECODE_REASONS, reasons
+        assert sub.wait_newer(1, timeout=1) is None
+    finally:
+        running.stop()
+    ckpt = load_checkpoint(settings.aggregator.checkpoint_dir / "v00000001")
+    assert ckpt.version == 1 and set(ckpt.ledger) == set(g1.update_ids)
+    assert running.summary.outcomes["duplicate"] == 1
+    # a restart resumes version 1 and republishes it
+    running = Running(settings)
+    try:
+        got = sub.wait_newer(0, timeout=20)
+        assert got is not None and got[0] == 1
+        assert running.service.core.state.applied == ckpt.ledger
+    finally:
+        running.stop()
+        sub.close()
+        close_connection(conn)
+
+
+def _dead_reasons(conn, topo, n, timeout=20.0):
+    ch = conn.channel()
+    reasons = []
+    deadline = time.monotonic() + timeout
+    while len(reasons) < n and time.monotonic() < deadline:
+        method, props, _ = ch.basic_get(topo.dead_queue, auto_ack=True)
+        if method is None:
+            conn.process_data_events(time_limit=0.2)
+            continue
+        reasons.append(props.headers[REASON_HEADER])
+    return reasons
