@@ -172,6 +172,8 @@ class AggregatorService:
                 self._flush_if_due()
         finally:
             close_connection(self.connection)  # unacked deliveries return to the queue
+            if self.core.buffer_fill:
+                self.session["requeued"] += self.core.buffer_fill
             self._write_status()
         summary = RunSummary(self.core.version, self.session)
         log.info("aggregator_stopped", version=self.core.version, **dict(self.session))

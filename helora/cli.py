@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,7 +32,7 @@ AmqpUrl = Annotated[
     typer.Option(
         "--amqp-url",
         envvar="HELORA_AMQP_URL",
-        help="AMQP URL [default: amqp://guest:guest@127.0.0.1:5672/%2F]",
+        help="AMQP URL (default: amqp://guest:guest@127.0.0.1:5672/%2F).",
     ),
 ]
 Federation = Annotated[
@@ -122,7 +120,8 @@ def aggregator_run(
     max_rank: Annotated[int | None, typer.Option(help="Global max rank R.")] = None,
     lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha at rank R.")] = None,
     model: Annotated[
-        str | None, typer.Option(help="Base model path or id [default: packaged MiniLM].")
+        str | None,
+        typer.Option(help="Base model path or hub id (default: the packaged all-MiniLM-L6-v2)."),
     ] = None,
     buffer_size: Annotated[int | None, typer.Option(help="K: updates per version.")] = None,
     buffer_timeout: Annotated[
@@ -291,8 +290,10 @@ def demo(
         result = run_demo(_settings(amqp_url=amqp_url), cfg)
     except HeloraError as exc:
         _fail(exc)
-    json.dump(result, sys.stdout, indent=None)
-    sys.stdout.write("\n")
+    typer.echo(
+        f"accuracy {result['initial_accuracy']:.4f} -> {result['accuracy']:.4f} "
+        f"(rank {result['max_rank']}); report written to {report}"
+    )
 
 
 def main() -> None:  # pragma: no cover

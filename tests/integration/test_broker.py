@@ -91,3 +91,24 @@ def test_late_joiner_gets_current_global_at_once_then_newer_ones(conn, amqp_url,
         sub.close()
     finally:
         late.close()
+
+
+def test_service_until_keeps_heartbeats_alive_while_a_thread_blocks(amqp_url, federation):
+    """The worker trains in a thread while the main thread services the connection. With a
+    2 s heartbeat, 8 s without servicing kills a connection (RABBITMQ_NOTES); this must not."""
+    import threading
+    import time
+
+    from helora.broker.connection import service_until
+
+    c = connect(amqp_url, heartbeat=2, attempts=3)
+    try:
+        busy = threading.Thread(target=time.sleep, args=(8.0,))
+        busy.start()
+        assert service_until(c, lambda: not busy.is_alive(), timeout=20)
+        assert c.is_open
+        ch = c.channel()  # still usable: a dead connection would raise here
+        declare_topology(ch, Topology(federation))
+    finally:
+        if c.is_open:
+            c.close()
