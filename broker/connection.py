@@ -17,6 +17,11 @@ from helora.shared.errors import BrokerUnavailable, ConfigError
 
 log = structlog.get_logger(__name__)
 
+# "The connection is gone; reconnect": broker restarts and closes (320 CONNECTION_FORCED), lost
+# sockets, missed heartbeats. Channel errors are not in here: they mean we misused the broker
+# and must surface.
+CONNECTION_LOST = (pex.AMQPConnectionError, pex.ConnectionWrongStateError)
+
 
 def connection_parameters(
     url: str, *, heartbeat: int = 30, name: str = "helora"

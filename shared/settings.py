@@ -1,18 +1,19 @@
 """One frozen settings object per process: pydantic-settings, env prefix HELORA_, nested with __.
 
-Built once in the CLI from flags + environment (flags win) and passed down; nothing else reads
-os.environ. Examples: HELORA_AMQP_URL, HELORA_FEDERATION, HELORA_AGGREGATOR__BUFFER_SIZE=8,
+Built once in the CLI from flags + environment + an optional TOML file (HELORA_CONFIG=path;
+flags win, then the environment, then the file) and passed down; nothing else reads os.environ. Examples: HELORA_AMQP_URL, HELORA_FEDERATION, HELORA_AGGREGATOR__BUFFER_SIZE=8,
 HELORA_WORKER__LR=0.001.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
 
 from helora.shared.errors import ConfigError
 
@@ -49,6 +50,16 @@ class AggregatorSettings(_Frozen):
     server_lr: float = Field(1.0, gt=0)
     allowed_ranks: tuple[int, ...] = ()  # empty: any rank 1..R
     wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_message_mb: float = Field(64.0, gt=0)  # larger updates are rejected (too_large)
+    # An update whose norm exceeds max_norm_ratio x the median norm of the last norm_window
+    # accepted updates (once min_norm_history were accepted), or max_update_norm, is rejected.
+    max_norm_ratio: float = Field(50.0, gt=1)
+    norm_window: int = Field(50, ge=1)
+    min_norm_history: int = Field(5, ge=1)
+    max_update_norm: float = Field(1e6, gt=0)
+    # Testing only: SIGKILL the process at a named point (after_decode, after_buffer,
+    # after_checkpoint, after_publish), the Nth time it is reached ("after_checkpoint:3").
+    failpoint: str = ""
 
 
 class WorkerSettings(_Frozen):
@@ -81,6 +92,16 @@ class Settings(BaseSettings):
         env_prefix="HELORA_", env_nested_delimiter="__", frozen=True, extra="forbid"
     )
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings):
+        # flags > environment > config file (HELORA_CONFIG=path.toml) > defaults
+        sources = [init_settings, env_settings]
+        path = os.environ.get("HELORA_CONFIG")
+        if path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
+        return tuple(sources)
+
     amqp_url: SecretStr = SecretStr(DEFAULT_AMQP_URL)
     federation: str = "default"  # every exchange and queue name derives from it
     heartbeat: int = Field(30, ge=0)  # seconds
@@ -99,11 +120,16 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Environment + overrides (None values are ignored, so unset CLI flags fall through)."""
+    """Flags > environment > the TOML file named by HELORA_CONFIG > defaults.
+
+    None values are ignored, so unset CLI flags fall through to the environment."""
     clean = _drop_none(overrides)
+    config = os.environ.get("HELORA_CONFIG")
+    if config and not Path(config).is_file():
+        raise ConfigError(f"HELORA_CONFIG={config} is not a file")
     try:
         return Settings(**clean)
-    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+    except ValueError as exc:  # pydantic.ValidationError (and TOML errors) are ValueErrors
         raise ConfigError(f"invalid settings: {exc}") from exc
 
 

@@ -38,3 +38,25 @@ def test_env_nested_and_flags_override(monkeypatch):
 def test_invalid_settings_raise_config_error(overrides):
     with pytest.raises(ConfigError):
         load_settings(**overrides)
+
+
+def test_toml_config_file_below_env_and_flags(monkeypatch, tmp_path):
+    cfg = tmp_path / "helora.toml"
+    cfg.write_text('federation = "fromfile"\n[aggregator]\nbuffer_size = 9\nserver_lr = 0.25\n')
+    monkeypatch.setenv("HELORA_CONFIG", str(cfg))
+    monkeypatch.setenv("HELORA_AGGREGATOR__SERVER_LR", "0.5")
+    s = load_settings(aggregator={"buffer_size": 3})
+    assert s.federation == "fromfile"  # from the file
+    assert s.aggregator.server_lr == 0.5  # env beats file
+    assert s.aggregator.buffer_size == 3  # flag beats both
+
+
+def test_missing_or_bad_config_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("HELORA_CONFIG", str(tmp_path / "nope.toml"))
+    with pytest.raises(ConfigError):
+        load_settings()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[aggregator]\nbuffer_size = 'many'\n")
+    monkeypatch.setenv("HELORA_CONFIG", str(bad))
+    with pytest.raises(ConfigError):
+        load_settings()
