@@ -38,8 +38,17 @@ from helora.shared.wire import decode_global, encode_update
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 R = 4
-FAILPOINTS = ["after_decode:2", "after_buffer:4", "after_checkpoint:1", "after_publish:2",
-              "after_checkpoint:3", "after_buffer:1", "random", "random", "random"]
+FAILPOINTS = [
+    "after_decode:2",
+    "after_buffer:4",
+    "after_checkpoint:1",
+    "after_publish:2",
+    "after_checkpoint:3",
+    "after_buffer:1",
+    "random",
+    "random",
+    "random",
+]
 
 
 def spec_and_initial() -> tuple[AdapterSpec, dict]:
@@ -54,21 +63,47 @@ def spec_and_initial() -> tuple[AdapterSpec, dict]:
 def make_update(spec: AdapterSpec, rng: random.Random, i: int) -> AdapterUpdate:
     rank = rng.choice([1, 2, 4])
     g = torch.Generator().manual_seed(i)
-    tensors = {n: 0.01 * torch.randn(*spec.shape_at_rank(n, rank), generator=g)
-               for n in spec.shapes}
+    tensors = {
+        n: 0.01 * torch.randn(*spec.shape_at_rank(n, rank), generator=g) for n in spec.shapes
+    }
     client = f"c{i % 5}"
-    return AdapterUpdate(update_id=uuid.uuid4().hex, client_id=client, rank=rank,
-                         base_version=0, num_examples=rng.randint(10, 50),
-                         fingerprint=spec.fingerprint, tensors=tensors)
+    return AdapterUpdate(
+        update_id=uuid.uuid4().hex,
+        client_id=client,
+        rank=rank,
+        base_version=0,
+        num_examples=rng.randint(10, 50),
+        fingerprint=spec.fingerprint,
+        tensors=tensors,
+    )
 
 
 def start_aggregator(ckpt: Path, log: Path, env: dict, failpoint: str) -> subprocess.Popen:
     env = {**env, "HELORA_AGGREGATOR__FAILPOINT": "" if failpoint == "random" else failpoint}
     return subprocess.Popen(
-        [sys.executable, "-m", "helora", "aggregator", "run", "--checkpoint-dir", str(ckpt),
-         "--buffer-size", "3", "--buffer-timeout", "1", "--weighting", "data",
-         "--staleness", "constant", "--max-staleness", "1000"],
-        env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "helora",
+            "aggregator",
+            "run",
+            "--checkpoint-dir",
+            str(ckpt),
+            "--buffer-size",
+            "3",
+            "--buffer-timeout",
+            "1",
+            "--weighting",
+            "data",
+            "--staleness",
+            "constant",
+            "--max-staleness",
+            "1000",
+        ],
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def wait_ready(log: Path, proc: subprocess.Popen, seen: int, timeout: float = 60) -> int:
@@ -84,12 +119,18 @@ def wait_ready(log: Path, proc: subprocess.Popen, seen: int, timeout: float = 60
 
 
 def test_sigkill_at_arbitrary_points_applies_every_confirmed_update_exactly_once(
-        amqp_url, federation, tmp_path):
+    amqp_url, federation, tmp_path
+):
     spec, _ = spec_and_initial()
     rng = random.Random(1234)
-    env = {**os.environ, "HELORA_AMQP_URL": amqp_url, "HELORA_FEDERATION": federation,
-           "HELORA_MODEL__MAX_RANK": str(R), "HELORA_AGGREGATOR__KEEP_CHECKPOINTS": "100000",
-           "HELORA_TORCH_THREADS": "1"}
+    env = {
+        **os.environ,
+        "HELORA_AMQP_URL": amqp_url,
+        "HELORA_FEDERATION": federation,
+        "HELORA_MODEL__MAX_RANK": str(R),
+        "HELORA_AGGREGATOR__KEEP_CHECKPOINTS": "100000",
+        "HELORA_TORCH_THREADS": "1",
+    }
     ckpt, log = tmp_path / "ckpt", tmp_path / "agg.log"
     topo = Topology(federation)
     conn = connect(amqp_url, attempts=3)
@@ -143,8 +184,7 @@ def test_sigkill_at_arbitrary_points_applies_every_confirmed_update_exactly_once
     assert ckpts[-1].ledger == {uid: c.version for c in ckpts for uid in c.update_ids}
 
     # replaying the versions through a fresh core reproduces every checkpointed adapter
-    cfg = PadConfig(buffer_size=10**6, weighting="data", staleness="constant",
-                    max_staleness=1000)
+    cfg = PadConfig(buffer_size=10**6, weighting="data", staleness="constant", max_staleness=1000)
     core = AggregatorCore(spec, cfg, CoreState(0, dict(ckpts[0].adapter)))
     for c in ckpts[1:]:
         for uid in c.update_ids:
@@ -158,9 +198,14 @@ def test_sigkill_at_arbitrary_points_applies_every_confirmed_update_exactly_once
     ch.basic_qos(prefetch_count=50)
     seen: dict[int, tuple[str, ...]] = {}
     bodies: list[tuple[int, bytes]] = []
-    ch.basic_consume(topo.global_stream, lambda c, m, p, b: (
-        bodies.append((int(p.headers[VERSION_HEADER]), b)), c.basic_ack(m.delivery_tag)),
-        arguments={"x-stream-offset": "first"})
+    ch.basic_consume(
+        topo.global_stream,
+        lambda c, m, p, b: (
+            bodies.append((int(p.headers[VERSION_HEADER]), b)),
+            c.basic_ack(m.delivery_tag),
+        ),
+        arguments={"x-stream-offset": "first"},
+    )
     end = time.monotonic() + 10
     while time.monotonic() < end and len({v for v, _ in bodies}) < len(ckpts):
         conn.process_data_events(time_limit=0.2)
