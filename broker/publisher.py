@@ -31,7 +31,10 @@ class ConfirmedPublisher:
         headers: dict[str, Any] | None = None,
         message_id: str | None = None,
         mandatory: bool = True,
+        user_id: str | None = None,
     ) -> None:
+        """``user_id`` must equal the connection's user name: the broker checks it (406
+        otherwise), so the aggregator can trust it as the sender's identity."""
         if len(body) > self.max_message_bytes:  # pika has no client-side check
             raise PublishError(f"message of {len(body)} bytes exceeds {self.max_message_bytes}")
         props = pika.BasicProperties(
@@ -39,6 +42,7 @@ class ConfirmedPublisher:
             content_type="application/x-helora+msgpack+zstd",
             headers=headers or {},
             message_id=message_id,
+            user_id=user_id,
         )
         try:
             self.channel.basic_publish(exchange, routing_key, body, props, mandatory=mandatory)

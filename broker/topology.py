@@ -94,3 +94,22 @@ def delete_topology(channel: Any, topo: Topology) -> None:
         channel.queue_delete(queue)
     for exchange in (topo.updates_exchange, topo.dead_exchange, topo.global_exchange):
         channel.exchange_delete(exchange)
+
+
+def topology_ready(connection: Any, topo: Topology) -> bool:
+    """True if the exchanges and the stream a client needs exist (passive declares only, so a
+    client with no configure permission can check). Each check uses a throwaway channel: a
+    passive declare of a missing object closes its channel with 404."""
+    import pika.exceptions as pex
+
+    for kind, name in (("exchange", topo.updates_exchange), ("queue", topo.global_stream)):
+        channel = connection.channel()
+        try:
+            if kind == "exchange":
+                channel.exchange_declare(name, passive=True)
+            else:
+                channel.queue_declare(name, passive=True)
+        except pex.ChannelClosedByBroker:
+            return False
+        channel.close()
+    return True

@@ -6,8 +6,14 @@
           -> train E local steps in a thread while the main thread services the connection
              (heartbeats), then idle (slowness - 1) x the training time, also servicing it
           -> delta = trained - received -> encode -> outbox file -> publish (confirmed) -> delete
+
 Every update is written to the outbox before it is published and removed only after the broker
-confirms it; the outbox is resent at start-up, so an update survives a crash or a lost broker.
+confirms it. If the connection is lost (broker restart, network), the worker finishes the
+training it is doing, reconnects with backoff, resends its outbox and carries on; an outbox left
+by a crash is resent at start-up. Duplicates are harmless: the aggregator de-duplicates by id.
+
+The worker needs no configure permission: it only checks (passively) that the federation's
+topology exists, waiting for `helora broker init` or the aggregator to declare it.
 """
 
 from __future__ import annotations
@@ -19,16 +25,17 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import structlog
 
-from helora.broker.connection import close_connection, connect, service_until
+from helora.broker.connection import CONNECTION_LOST, close_connection, connect, service_until
 from helora.broker.consumer import GlobalSubscriber
 from helora.broker.publisher import ConfirmedPublisher
-from helora.broker.topology import Topology, declare_topology
-from helora.shared.errors import ConfigError, DecodeError
+from helora.broker.topology import Topology, topology_ready
+from helora.shared.errors import BrokerUnavailable, ConfigError, DecodeError
 from helora.shared.lora_ops import cut_to_rank, subtract
-from helora.shared.messages import AdapterUpdate, GlobalAdapter
+from helora.shared.messages import AdapterUpdate, GlobalAdapter, Tensors
 from helora.shared.settings import Settings
 from helora.shared.spec import AdapterSpec
 from helora.shared.wire import decode_global, encode_update
@@ -44,6 +51,7 @@ class WorkerSummary:
     updates_sent: int = 0
     last_version: int = -1
     train_seconds: float = 0.0
+    reconnects: int = 0
     losses: list[float] = field(default_factory=list)
 
 
@@ -65,6 +73,12 @@ class Outbox:
         return sorted(self.dir.glob("*.msg"), key=lambda p: p.stat().st_mtime)
 
 
+def broker_user(url: str) -> str | None:
+    """The user name in an AMQP URL (None if absent)."""
+    user = urlparse(url).username
+    return unquote(user) if user else None
+
+
 class WorkerClient:
     def __init__(
         self, settings: Settings, clf: LoraClassifier, data: TextDataset, spec: AdapterSpec
@@ -76,7 +90,13 @@ class WorkerClient:
         self.spec = spec
         self.topo = Topology(settings.federation)
         self.outbox = Outbox(self.w.outbox_dir / self.w.client_id)
+        # With per-client credentials (user name == client id) every publish carries user_id,
+        # which the broker validates, so the aggregator can trust who sent it.
+        user = broker_user(settings.amqp_url.get_secret_value())
+        self.user_id = user if user == self.w.client_id else None
         self._stop = threading.Event()
+        self._base = -1  # the version last trained from; survives reconnects
+        self._round = 0
         self.summary = WorkerSummary()
 
     def stop(self) -> None:
@@ -86,10 +106,36 @@ class WorkerClient:
         log.info("signal_received", signal=signal.Signals(signum).name)
         self._stop.set()
 
+    def _done(self) -> bool:
+        limit = self.w.max_updates
+        return self._stop.is_set() or bool(limit and self.summary.updates_sent >= limit)
+
+    # ---- connection lifetime ----
+
     def run(self, *, install_signal_handlers: bool = True) -> WorkerSummary:
         if install_signal_handlers:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
+        connected_once, delay = False, 0.5
+        while not self._done():
+            self._connected = False
+            try:
+                self._session()
+            except BrokerUnavailable:
+                if not connected_once:
+                    raise
+            except CONNECTION_LOST as exc:
+                self.summary.reconnects += 1
+                log.warning("broker_connection_lost", client=self.w.client_id, error=repr(exc))
+            connected_once = connected_once or self._connected
+            if self._done():
+                break
+            self._stop.wait(delay)
+            delay = min(delay * 2, 10.0)
+        log.info("worker_stopped", client=self.w.client_id, updates=self.summary.updates_sent)
+        return self.summary
+
+    def _session(self) -> None:
         s = self.settings
         self.connection = connect(
             s.amqp_url.get_secret_value(),
@@ -97,8 +143,9 @@ class WorkerClient:
             attempts=s.connect_attempts,
             name=f"helora-worker-{self.w.client_id}",
         )
+        self._connected = True
         try:
-            declare_topology(self.connection.channel(), self.topo)
+            self._wait_for_topology()
             self.publisher = ConfirmedPublisher(self.connection)
             self._resend_outbox()
             self.subscriber = GlobalSubscriber(self.connection, self.topo, offset="last")
@@ -108,29 +155,40 @@ class WorkerClient:
                 self.subscriber.close()
         finally:
             close_connection(self.connection)
-        log.info("worker_stopped", client=self.w.client_id, updates=self.summary.updates_sent)
-        return self.summary
+
+    def _wait_for_topology(self) -> None:
+        warned = False
+        while not self._stop.is_set() and not topology_ready(self.connection, self.topo):
+            if not warned:
+                log.warning(
+                    "waiting_for_topology",
+                    federation=self.settings.federation,
+                    hint="run `helora broker init` or start the aggregator",
+                )
+                warned = True
+            service_until(self.connection, self._stop.is_set, timeout=2.0)
+
+    # ---- the federated loop ----
 
     def _loop(self) -> None:
-        base = -1
-        round_ = 0
-        while not self._stop.is_set():
-            g = self._wait_global(newer_than=base)
+        while not self._done():
+            g = self._wait_global(newer_than=self._base)
             if g is None:
                 return
-            base = g.version
-            self.summary.last_version = base
+            self._base = g.version
+            self.summary.last_version = g.version
             _, slot = g.slot_for_rank(self.clf.rank)
             received = cut_to_rank(slot, self.clf.rank)
             self.clf.load_adapter_state(received)
-            metrics = self._train(round_)
+            metrics, lost = self._train(self._round)
             if self._stop.is_set():
                 return
+            self._round += 1
             delta = subtract(self.clf.adapter_state(), received)
-            self._publish(delta, base, metrics)
-            round_ += 1
-            if self.w.max_updates and self.summary.updates_sent >= self.w.max_updates:
-                return
+            path = self._to_outbox(delta, g.version, metrics)
+            if lost is not None:
+                raise lost  # reconnect; the outbox resend publishes this update
+            self._send(path)
 
     def _wait_global(self, newer_than: int) -> GlobalAdapter | None:
         while not self._stop.is_set():
@@ -154,7 +212,9 @@ class WorkerClient:
             return g
         return None
 
-    def _train(self, round_: int) -> dict[str, float]:
+    def _train(self, round_: int) -> tuple[dict[str, float], BaseException | None]:
+        """Train in a thread while servicing the connection; returns (metrics, the connection
+        error if the connection was lost meanwhile: training is finished regardless)."""
         cfg = TrainConfig(
             steps=self.w.steps, batch_size=self.w.batch_size, lr=self.w.lr, seed=self.w.data_seed
         )
@@ -176,17 +236,25 @@ class WorkerClient:
         start = time.monotonic()
         thread = threading.Thread(target=work, name="train", daemon=True)
         thread.start()
-        service_until(self.connection, lambda: not thread.is_alive())
+        lost: BaseException | None = None
+        try:
+            service_until(self.connection, lambda: not thread.is_alive())
+        except CONNECTION_LOST as exc:
+            lost = exc  # finish training anyway: the update goes out after the reconnect
+            thread.join()
         elapsed = time.monotonic() - start
         if "error" in result:
             raise result["error"]
-        idle = (self.w.slowness - 1.0) * elapsed
-        if idle > 0:
-            service_until(self.connection, self._stop.is_set, timeout=idle)
         self.summary.train_seconds += elapsed
-        return dict(result["metrics"])
+        idle = (self.w.slowness - 1.0) * elapsed
+        if idle > 0 and lost is None:
+            try:
+                service_until(self.connection, self._stop.is_set, timeout=idle)
+            except CONNECTION_LOST as exc:
+                lost = exc
+        return dict(result["metrics"]), lost
 
-    def _publish(self, delta: dict, base: int, metrics: dict[str, float]) -> None:
+    def _to_outbox(self, delta: Tensors, base: int, metrics: dict[str, float]) -> Path:
         update = AdapterUpdate(
             update_id=uuid.uuid4().hex,
             client_id=self.w.client_id,
@@ -199,32 +267,35 @@ class WorkerClient:
             metrics=metrics,
         )
         body = encode_update(update, wire_dtype=self.w.wire_dtype)
-        path = self.outbox.put(update.update_id, body)
-        self._send(update.update_id, body)
-        path.unlink()
-        self.summary.updates_sent += 1
-        self.summary.losses.append(float(metrics.get("train_loss", float("nan"))))
+        path = self.outbox.put(update.update_id, body)  # before anything can fail
+        loss = float(metrics.get("train_loss", float("nan")))
+        self.summary.losses.append(loss)
         log.info(
-            "update_published",
+            "update_ready",
             update_id=update.update_id,
             client=self.w.client_id,
             rank=self.clf.rank,
             base_version=base,
             bytes=len(body),
-            train_loss=round(float(metrics.get("train_loss", float("nan"))), 4),
+            train_loss=round(loss, 4),
         )
+        return path
 
-    def _send(self, update_id: str, body: bytes) -> None:
+    def _send(self, path: Path) -> None:
+        """Publish one outbox file with confirms, then delete it."""
         self.publisher.publish(
             self.topo.updates_exchange,
             self.w.client_id,
-            body,
+            path.read_bytes(),
             headers={"x-helora-kind": "update"},
-            message_id=update_id,
+            message_id=path.stem,
+            user_id=self.user_id,
         )
+        path.unlink()
+        self.summary.updates_sent += 1
+        log.info("update_published", update_id=path.stem, client=self.w.client_id)
 
     def _resend_outbox(self) -> None:
         for path in self.outbox.pending():
-            self._send(path.stem, path.read_bytes())
-            path.unlink()
-            log.info("outbox_resent", update_id=path.stem, client=self.w.client_id)
+            log.info("outbox_resend", update_id=path.stem, client=self.w.client_id)
+            self._send(path)
