@@ -18,7 +18,6 @@ buffered-but-unapplied update would lose it if the process then crashed before t
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections import Counter
@@ -34,13 +33,15 @@ from helora.aggregator.core import (
     Applied,
     Buffered,
     CoreState,
-    Decision,
     Duplicate,
     PadConfig,
     Rejected,
 )
-from helora.aggregator.guards import NormGuard, adapter_norm
+from helora.aggregator.failpoints import Failpoints
+from helora.aggregator.guards import NormGuard
+from helora.aggregator.intake import Intake
 from helora.aggregator.methods import make_core
+from helora.aggregator.metrics import AggregatorMetrics
 from helora.broker.connection import CONNECTION_LOST, close_connection, connect
 from helora.broker.consumer import (
     KIND_HEADER,
@@ -103,19 +104,21 @@ class AggregatorService:
         )
         self.core = self._make_core(self._resume(initial_adapter))
         self.limits = WireLimits(max_message_bytes=int(a.max_message_mb * 2**20))
-        self.guard = NormGuard(
+        guard = NormGuard(
             ratio=a.max_norm_ratio,
             window=a.norm_window,
             min_history=a.min_norm_history,
             max_norm=a.max_update_norm,
         )
+        self.intake = Intake(guard, require_user_id=a.require_user_id)
+        self.metrics = AggregatorMetrics()
+        self.metrics.version(self.core.version)
         self._pending: list[int] = []  # delivery tags of the buffered updates
-        self._pending_norms: list[float] = []
         self._buffer_started: float | None = None
         self._stop = False
         self._connected = False
         self.session = Counter[str]()
-        self._failpoint_hits = Counter[str]()
+        self.failpoints = Failpoints(a.failpoint)
 
     def _make_core(self, state: CoreState) -> AggregatorCore:
         method = self.settings.aggregator.method
@@ -173,6 +176,10 @@ class AggregatorService:
             signal.signal(signal.SIGINT, self._on_signal)
         connected_once = False
         delay = 0.5
+        a = self.settings.aggregator
+        if a.metrics_port is not None:
+            self.metrics_server = self.metrics.serve(a.metrics_port, a.metrics_host)
+            log.info("metrics_serving", url=self.metrics_server.url)
         try:
             while not self._stop:
                 try:
@@ -188,6 +195,8 @@ class AggregatorService:
                 self._sleep(delay)
                 delay = min(delay * 2, 10.0)
         finally:
+            self.metrics.set_ready(False)
+            self.metrics.close()
             if self.core.buffer_fill:
                 self.session["requeued"] += self.core.buffer_fill
             self._write_status()
@@ -212,6 +221,7 @@ class AggregatorService:
             prefetch = max(2 * s.aggregator.buffer_size, 16)
             self.consumer = UpdateConsumer(self.connection, self.topo, prefetch=prefetch)
             self.consumer.start(self._on_delivery)
+            self.metrics.set_ready(True)
             log.info(
                 "aggregator_ready",
                 federation=s.federation,
@@ -229,9 +239,11 @@ class AggregatorService:
         dropped = self.core.buffer_fill
         self.core = self._make_core(self.core.state)  # drop the unapplied buffer (module doc)
         self._pending.clear()
-        self._pending_norms.clear()
+        self.intake.dropped()
         self._buffer_started = None
         self.session["reconnects"] += 1
+        self.metrics.set_ready(False)
+        self.metrics.buffer(0)
         log.warning(
             "broker_connection_lost",
             error=error[:300],
@@ -243,19 +255,6 @@ class AggregatorService:
         deadline = time.monotonic() + seconds
         while not self._stop and time.monotonic() < deadline:
             time.sleep(0.1)
-
-    def _failpoint(self, name: str) -> None:
-        """Testing only: SIGKILL ourselves the Nth time ``name`` is reached (see settings)."""
-        spec = self.settings.aggregator.failpoint
-        if not spec:
-            return
-        point, _, nth = spec.partition(":")
-        if point != name:
-            return
-        self._failpoint_hits[name] += 1
-        if self._failpoint_hits[name] >= int(nth or 1):
-            log.warning("failpoint_kill", point=name)
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def _write_status(self) -> None:
         """status.json beside the checkpoints: cumulative counters, including rejections after
@@ -279,33 +278,18 @@ class AggregatorService:
         self._stop = True
 
     def _on_delivery(self, d: Delivery) -> None:
+        m = self.metrics
+        m.received()
         try:
-            update = decode_update(d.body, self.limits)
+            with m.time_stage("decode"):
+                update = decode_update(d.body, self.limits)
         except DecodeError as exc:
+            self.core.state.counters[f"rejected:{exc.reason}"] += 1
             self._reject(d, exc.reason, exc.detail, client=d.routing_key)
             return
-        self._failpoint("after_decode")
-        if update.client_id != d.routing_key:
-            detail = f"payload {update.client_id!r} vs routing key {d.routing_key!r}"
-            self._reject(d, "client_id_mismatch", detail, client=d.routing_key)
-            return
-        if d.user_id and d.user_id != update.client_id:
-            detail = f"broker-validated user {d.user_id!r} sent as {update.client_id!r}"
-            self._reject(d, "identity_mismatch", detail, client=d.user_id)
-            return
-        norm = adapter_norm(update.tensors)
-        if update.update_id not in self.core.state.applied:
-            too_large = self.guard.check(norm)
-            if too_large:
-                self._reject(
-                    d,
-                    "norm_too_large",
-                    too_large,
-                    client=update.client_id,
-                    update_id=update.update_id,
-                )
-                return
-        decision: Decision = self.core.offer(update)
+        self.failpoints.reached("after_decode")
+        with m.time_stage("accumulate"):
+            decision, norm = self.intake.admit(self.core, update, d.routing_key, d.user_id)
         if isinstance(decision, Rejected):
             self._reject(
                 d,
@@ -313,20 +297,22 @@ class AggregatorService:
                 decision.detail,
                 client=update.client_id,
                 update_id=update.update_id,
-                counted=True,
             )
         elif isinstance(decision, Duplicate):
             self.consumer.ack(d.tag)
             self.session["duplicate"] += 1
+            m.duplicate()
             log.info("update_duplicate", update_id=update.update_id, client=update.client_id)
         else:
             self._pending.append(d.tag)
-            self._pending_norms.append(norm)
             if self._buffer_started is None:
                 self._buffer_started = time.monotonic()
             staleness = (
                 decision.staleness if isinstance(decision, Buffered) else decision.staleness[-1]
             )
+            m.staleness(staleness)
+            m.rank(update.rank)
+            m.buffer(self.core.buffer_fill)
             log.info(
                 "update_accepted",
                 update_id=update.update_id,
@@ -337,25 +323,17 @@ class AggregatorService:
                 examples=update.num_examples,
                 norm=round(norm, 4),
             )
-            self._failpoint("after_buffer")
+            self.failpoints.reached("after_buffer")
             if isinstance(decision, Applied):
                 self._commit(decision)
 
     def _reject(
-        self,
-        d: Delivery,
-        reason: str,
-        detail: str,
-        *,
-        client: str,
-        update_id: str | None = None,
-        counted: bool = False,
+        self, d: Delivery, reason: str, detail: str, *, client: str, update_id: str | None = None
     ) -> None:
         dead_letter(self.publisher, self.topo, d, reason, detail)
         self.consumer.ack(d.tag)
-        if not counted:  # the core counts its own rejections
-            self.core.state.counters[f"rejected:{reason}"] += 1
         self.session[f"rejected:{reason}"] += 1
+        self.metrics.rejected(reason)
         log.warning(
             "update_rejected",
             reason=reason,
@@ -374,19 +352,23 @@ class AggregatorService:
 
     def _commit(self, applied: Applied) -> None:
         """Checkpoint, publish, then ack: in this order, so a crash never loses an update."""
-        self._checkpoint(self.core.state, applied.parent_version, applied.update_ids)
-        self._failpoint("after_checkpoint")
-        self._publish_global(update_ids=applied.update_ids)
-        self._failpoint("after_publish")
+        m = self.metrics
+        with m.time_stage("checkpoint"):
+            self._checkpoint(self.core.state, applied.parent_version, applied.update_ids)
+        self.failpoints.reached("after_checkpoint")
+        with m.time_stage("publish"):
+            self._publish_global(update_ids=applied.update_ids)
+        self.failpoints.reached("after_publish")
         for tag in self._pending:
             self.consumer.ack(tag)
-        for norm in self._pending_norms:
-            self.guard.accepted(norm)
+        self.intake.committed()
         self._pending.clear()
-        self._pending_norms.clear()
         self._buffer_started = None
         self.session["applied"] += len(applied.update_ids)
         self.session["versions"] += 1
+        m.applied(len(applied.update_ids))
+        m.version(applied.version)
+        m.buffer(0)
         log.info(
             "version_published",
             version=applied.version,

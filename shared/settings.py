@@ -1,7 +1,8 @@
 """One frozen settings object per process: pydantic-settings, env prefix HELORA_, nested with __.
 
 Built once in the CLI from flags + environment + an optional TOML file (HELORA_CONFIG=path;
-flags win, then the environment, then the file) and passed down; nothing else reads os.environ. Examples: HELORA_AMQP_URL, HELORA_FEDERATION, HELORA_AGGREGATOR__BUFFER_SIZE=8,
+flags win, then the environment, then the file) and passed down; nothing else reads os.environ.
+Examples: HELORA_AMQP_URL, HELORA_FEDERATION, HELORA_AGGREGATOR__BUFFER_SIZE=8,
 HELORA_WORKER__LR=0.001.
 """
 
@@ -60,6 +61,10 @@ class AggregatorSettings(_Frozen):
     # Testing only: SIGKILL the process at a named point (after_decode, after_buffer,
     # after_checkpoint, after_publish), the Nth time it is reached ("after_checkpoint:3").
     failpoint: str = ""
+    # Reject updates whose AMQP user_id is missing (per-client credentials in production).
+    require_user_id: bool = False
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus /metrics; None: off
+    metrics_host: str = "127.0.0.1"
 
 
 class WorkerSettings(_Frozen):
@@ -93,8 +98,9 @@ class Settings(BaseSettings):
     )
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
-                                   dotenv_settings, file_secret_settings):
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
         # flags > environment > config file (HELORA_CONFIG=path.toml) > defaults
         sources = [init_settings, env_settings]
         path = os.environ.get("HELORA_CONFIG")

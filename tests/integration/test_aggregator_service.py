@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import urllib.request
 import time
 import uuid
 
@@ -77,7 +78,9 @@ def test_service_applies_rejects_dedups_checkpoints_and_resumes(amqp_url, federa
     settings = load_settings(
         amqp_url=amqp_url,
         federation=federation,
-        aggregator=dict(checkpoint_dir=tmp_path / "ckpt", buffer_size=2, buffer_timeout=30),
+        aggregator=dict(
+            checkpoint_dir=tmp_path / "ckpt", buffer_size=2, buffer_timeout=30, metrics_port=0
+        ),
     )
     topo = Topology(federation)
     conn = connect(amqp_url, attempts=3)
@@ -107,6 +110,11 @@ def test_service_applies_rejects_dedups_checkpoints_and_resumes(amqp_url, federa
         assert reasons[1:] == ["bad_rank", "client_id_mismatch"], reasons
         assert reasons[0] in DECODE_REASONS, reasons
         assert sub.wait_newer(1, timeout=1) is None
+        url = running.service.metrics_server.url
+        text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+        assert "helora_aggregator_updates_applied_total 2.0" in text
+        assert 'helora_aggregator_updates_rejected_total{reason="bad_rank"} 1.0' in text
+        assert urllib.request.urlopen(f"{url}/readyz", timeout=5).status == 200
     finally:
         running.stop()
     ckpt = load_checkpoint(settings.aggregator.checkpoint_dir / "v00000001")
