@@ -107,6 +107,11 @@ class CheckpointStore:
             raise CheckpointError(f"{pointer} is corrupt: {exc}") from exc
         return self.root / name
 
+    def latest_version(self) -> int | None:
+        """The newest checkpointed version, from the LATEST pointer alone (cheap)."""
+        path = self.latest_path()
+        return None if path is None else int(path.name[1:])
+
     def load_latest(self) -> Checkpoint | None:
         path = self.latest_path()
         return None if path is None else load_checkpoint(path)

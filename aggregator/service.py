@@ -148,6 +148,26 @@ class AggregatorService:
             ckpt.version, ckpt.adapter, dict(ckpt.ledger), ckpt.counters, ckpt.staleness_hist
         )
 
+    def _sync_with_store(self) -> None:
+        """A standby aggregator (single active consumer) becomes active without any AMQP signal;
+        if another aggregator has checkpointed newer versions meanwhile, continue from them."""
+        latest = self.store.latest_version()
+        if latest is not None and latest > self.core.version:
+            ckpt = self.store.load_latest()
+            assert ckpt is not None
+            self._version_update_ids = ckpt.update_ids
+            self.core = self._make_core(
+                CoreState(
+                    ckpt.version,
+                    ckpt.adapter,
+                    dict(ckpt.ledger),
+                    ckpt.counters,
+                    ckpt.staleness_hist,
+                )
+            )
+            self.metrics.version(ckpt.version)
+            log.info("took_over", version=ckpt.version, checkpoint=str(ckpt.path))
+
     def _checkpoint(self, state: CoreState, parent: int, update_ids: tuple[str, ...]) -> None:
         self._version_update_ids = update_ids  # a republished version carries the same ids
         self.store.save(
@@ -288,6 +308,8 @@ class AggregatorService:
             self._reject(d, exc.reason, exc.detail, client=d.routing_key)
             return
         self.failpoints.reached("after_decode")
+        if self.core.buffer_fill == 0:
+            self._sync_with_store()
         with m.time_stage("accumulate"):
             decision, norm = self.intake.admit(self.core, update, d.routing_key, d.user_id)
         if isinstance(decision, Rejected):

@@ -143,3 +143,47 @@ def _dead_reasons(conn, topo, n, timeout=20.0):
             continue
         reasons.append(props.headers[REASON_HEADER])
     return reasons
+
+
+def test_two_aggregators_never_aggregate_at_once_and_the_standby_takes_over(
+    amqp_url, federation, tmp_path
+):
+    settings = load_settings(
+        amqp_url=amqp_url,
+        federation=federation,
+        aggregator=dict(checkpoint_dir=tmp_path / "shared-ckpt", buffer_size=1, buffer_timeout=30),
+    )
+    topo = Topology(federation)
+    conn = connect(amqp_url, attempts=3)
+    declare_topology(conn.channel(), topo)
+    sub = GlobalSubscriber(conn, topo, offset="last")
+    pub = ConfirmedPublisher(conn)
+    first = Running(settings)
+    assert sub.wait_newer(-1, timeout=20) is not None
+    second = Running(settings)  # standby: the queue has a single active consumer
+    time.sleep(1.0)
+    try:
+        for v in range(3):
+            u = update("c1", 2, v)
+            pub.publish(topo.updates_exchange, "c1", encode_update(u))
+            got = sub.wait_newer(v, timeout=20)
+            assert got is not None and got[0] == v + 1
+        assert first.service.session["applied"] == 3
+        assert second.service.session["applied"] == 0  # never consumed while the first lived
+        first.stop()  # the active one dies: the standby takes over from the shared checkpoint
+        for v in range(3, 6):
+            u = update("c1", 2, v)
+            pub.publish(topo.updates_exchange, "c1", encode_update(u))
+            got = sub.wait_newer(v, timeout=20)
+            assert got is not None and got[0] == v + 1, got
+        assert second.service.session["applied"] == 3
+        assert second.service.core.version == 6
+        assert len(second.service.core.state.applied) == 6
+    finally:
+        second.stop()
+        if first.thread.is_alive():
+            first.stop()
+        sub.close()
+        close_connection(conn)
+    ckpt = load_checkpoint(settings.aggregator.checkpoint_dir / "v00000006")
+    assert ckpt.parent_version == 5 and len(ckpt.ledger) == 6
