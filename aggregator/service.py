@@ -27,7 +27,8 @@ from typing import Any
 
 import structlog
 
-from helora.aggregator.checkpoint import Checkpoint, CheckpointStore, write_json_atomic
+from helora.aggregator.checkpoint import CheckpointStore
+from helora.aggregator.chunks import ChunkGate
 from helora.aggregator.core import (
     AggregatorCore,
     Applied,
@@ -42,6 +43,7 @@ from helora.aggregator.guards import NormGuard
 from helora.aggregator.intake import Intake
 from helora.aggregator.methods import make_core
 from helora.aggregator.metrics import AggregatorMetrics
+from helora.aggregator.persistence import Persistence
 from helora.broker.connection import CONNECTION_LOST, close_connection, connect
 from helora.broker.consumer import (
     KIND_HEADER,
@@ -52,7 +54,8 @@ from helora.broker.consumer import (
 )
 from helora.broker.publisher import ConfirmedPublisher
 from helora.broker.topology import Topology, declare_topology
-from helora.shared.errors import BrokerUnavailable, ConfigError, DecodeError
+from helora.shared.chunking import Reassembler
+from helora.shared.errors import BrokerUnavailable, DecodeError
 from helora.shared.messages import Tensors
 from helora.shared.settings import Settings
 from helora.shared.spec import AdapterSpec
@@ -99,10 +102,11 @@ class AggregatorService:
         self.spec = spec
         self.topo = Topology(settings.federation)
         a = settings.aggregator
-        self.store = CheckpointStore(
+        store = CheckpointStore(
             a.checkpoint_dir, adapter_config=adapter_config, keep=a.keep_checkpoints
         )
-        self.core = self._make_core(self._resume(initial_adapter))
+        self.persistence = Persistence(store, spec, a.method)
+        self.core = self._make_core(self.persistence.resume(initial_adapter))
         self.limits = WireLimits(max_message_bytes=int(a.max_message_mb * 2**20))
         guard = NormGuard(
             ratio=a.max_norm_ratio,
@@ -111,6 +115,14 @@ class AggregatorService:
             max_norm=a.max_update_norm,
         )
         self.intake = Intake(guard, require_user_id=a.require_user_id)
+        reassembler = Reassembler(
+            timeout=a.chunk_timeout, max_bytes=int(a.reassembly_max_mb * 2**20)
+        )
+        self.chunks = ChunkGate(
+            reassembler,
+            ack=lambda tag: self.consumer.ack(tag),
+            reject=lambda d, reason, detail: self._reject(d, reason, detail, client=d.routing_key),
+        )
         self.metrics = AggregatorMetrics()
         self.metrics.version(self.core.version)
         self._pending: list[int] = []  # delivery tags of the buffered updates
@@ -125,66 +137,6 @@ class AggregatorService:
         return make_core(method, self.spec, pad_config(self.settings), state)
 
     # ---- startup and checkpoints ----
-
-    def _resume(self, initial_adapter: Callable[[], Tensors]) -> CoreState:
-        ckpt = self.store.load_latest()
-        if ckpt is None:
-            state = CoreState(version=0, adapter=initial_adapter())
-            self._checkpoint(state, parent=-1, update_ids=())
-            log.info("initialised_global", version=0, checkpoint=str(self.store.latest_path()))
-            return state
-        method = self.settings.aggregator.method
-        if ckpt.fingerprint != self.spec.fingerprint or ckpt.method != method:
-            raise ConfigError(
-                f"checkpoint {ckpt.path} is for another model or method ({ckpt.method}, "
-                f"{ckpt.fingerprint}; this service: {method}, {self.spec.fingerprint}); "
-                "use another --checkpoint-dir"
-            )
-        self._version_update_ids = ckpt.update_ids
-        log.info(
-            "resumed", version=ckpt.version, checkpoint=str(ckpt.path), applied=len(ckpt.ledger)
-        )
-        return CoreState(
-            ckpt.version, ckpt.adapter, dict(ckpt.ledger), ckpt.counters, ckpt.staleness_hist
-        )
-
-    def _sync_with_store(self) -> None:
-        """A standby aggregator (single active consumer) becomes active without any AMQP signal;
-        if another aggregator has checkpointed newer versions meanwhile, continue from them."""
-        latest = self.store.latest_version()
-        if latest is not None and latest > self.core.version:
-            ckpt = self.store.load_latest()
-            assert ckpt is not None
-            self._version_update_ids = ckpt.update_ids
-            self.core = self._make_core(
-                CoreState(
-                    ckpt.version,
-                    ckpt.adapter,
-                    dict(ckpt.ledger),
-                    ckpt.counters,
-                    ckpt.staleness_hist,
-                )
-            )
-            self.metrics.version(ckpt.version)
-            log.info("took_over", version=ckpt.version, checkpoint=str(ckpt.path))
-
-    def _checkpoint(self, state: CoreState, parent: int, update_ids: tuple[str, ...]) -> None:
-        self._version_update_ids = update_ids  # a republished version carries the same ids
-        self.store.save(
-            Checkpoint(
-                version=state.version,
-                parent_version=parent,
-                method="pad",
-                max_rank=self.spec.max_rank,
-                fingerprint=self.spec.fingerprint,
-                adapter=state.adapter,
-                update_ids=update_ids,
-                ledger=state.applied,
-                counters=state.counters,
-                staleness_hist=state.staleness_hist,
-                created_at=time.time(),
-            )
-        )
 
     # ---- main loop ----
 
@@ -219,7 +171,7 @@ class AggregatorService:
             self.metrics.close()
             if self.core.buffer_fill:
                 self.session["requeued"] += self.core.buffer_fill
-            self._write_status()
+            self.persistence.write_status(self.core.state, self.session, self.core.buffer_fill)
         log.info("aggregator_stopped", version=self.core.version, **dict(self.session))
         return RunSummary(self.core.version, self.session)
 
@@ -237,8 +189,8 @@ class AggregatorService:
         try:
             declare_topology(self.connection.channel(), self.topo)
             self.publisher = ConfirmedPublisher(self.connection)
-            self._publish_global(update_ids=self._version_update_ids)
-            prefetch = max(2 * s.aggregator.buffer_size, 16)
+            self._publish_global(update_ids=self.persistence.update_ids)
+            prefetch = max(s.aggregator.prefetch, 2 * s.aggregator.buffer_size)
             self.consumer = UpdateConsumer(self.connection, self.topo, prefetch=prefetch)
             self.consumer.start(self._on_delivery)
             self.metrics.set_ready(True)
@@ -260,6 +212,7 @@ class AggregatorService:
         self.core = self._make_core(self.core.state)  # drop the unapplied buffer (module doc)
         self._pending.clear()
         self.intake.dropped()
+        self.chunks.clear()
         self._buffer_started = None
         self.session["reconnects"] += 1
         self.metrics.set_ready(False)
@@ -276,20 +229,6 @@ class AggregatorService:
         while not self._stop and time.monotonic() < deadline:
             time.sleep(0.1)
 
-    def _write_status(self) -> None:
-        """status.json beside the checkpoints: cumulative counters, including rejections after
-        the last checkpoint (read by `helora demo` and by operators)."""
-        st = self.core.state
-        doc = {
-            "version": st.version,
-            "checkpoint": str(self.store.latest_path()),
-            "counters": dict(st.counters),
-            "staleness_hist": {str(k): v for k, v in sorted(st.staleness_hist.items())},
-            "session": dict(self.session),
-            "buffered_not_applied": self.core.buffer_fill,
-        }
-        write_json_atomic(self.store.root / "status.json", doc)
-
     def stop(self) -> None:
         self._stop = True
 
@@ -297,19 +236,26 @@ class AggregatorService:
         log.info("signal_received", signal=signal.Signals(signum).name)
         self._stop = True
 
-    def _on_delivery(self, d: Delivery) -> None:
+    def _on_delivery(self, chunk: Delivery) -> None:
+        whole = self.chunks.offer(chunk, time.monotonic())
+        if whole is not None:
+            self._handle(whole.delivery, whole.tags)
+
+    def _handle(self, d: Delivery, tags: tuple[int, ...]) -> None:
         m = self.metrics
         m.received()
         try:
             with m.time_stage("decode"):
                 update = decode_update(d.body, self.limits)
         except DecodeError as exc:
-            self.core.state.counters[f"rejected:{exc.reason}"] += 1
-            self._reject(d, exc.reason, exc.detail, client=d.routing_key)
+            self._reject(d, exc.reason, exc.detail, client=d.routing_key, tags=tags)
             return
         self.failpoints.reached("after_decode")
-        if self.core.buffer_fill == 0:
-            self._sync_with_store()
+        if self.core.buffer_fill == 0:  # a standby that took over continues from the store
+            newer = self.persistence.newer_than(self.core.version)
+            if newer is not None:
+                self.core = self._make_core(newer)
+                m.version(newer.version)
         with m.time_stage("accumulate"):
             decision, norm = self.intake.admit(self.core, update, d.routing_key, d.user_id)
         if isinstance(decision, Rejected):
@@ -319,14 +265,17 @@ class AggregatorService:
                 decision.detail,
                 client=update.client_id,
                 update_id=update.update_id,
+                tags=tags,
+                counted=True,
             )
         elif isinstance(decision, Duplicate):
-            self.consumer.ack(d.tag)
+            for tag in tags:
+                self.consumer.ack(tag)
             self.session["duplicate"] += 1
             m.duplicate()
             log.info("update_duplicate", update_id=update.update_id, client=update.client_id)
         else:
-            self._pending.append(d.tag)
+            self._pending.extend(tags)
             if self._buffer_started is None:
                 self._buffer_started = time.monotonic()
             staleness = (
@@ -350,10 +299,22 @@ class AggregatorService:
                 self._commit(decision)
 
     def _reject(
-        self, d: Delivery, reason: str, detail: str, *, client: str, update_id: str | None = None
+        self,
+        d: Delivery,
+        reason: str,
+        detail: str,
+        *,
+        client: str,
+        update_id: str | None = None,
+        tags: tuple[int, ...] | None = None,
+        counted: bool = False,
     ) -> None:
+        """Dead-letter ``d`` with the reason (confirmed), then ack every tag it stands for."""
         dead_letter(self.publisher, self.topo, d, reason, detail)
-        self.consumer.ack(d.tag)
+        for tag in tags or (d.tag,):
+            self.consumer.ack(tag)
+        if not counted:  # the core and the intake count their own rejections
+            self.core.state.counters[f"rejected:{reason}"] += 1
         self.session[f"rejected:{reason}"] += 1
         self.metrics.rejected(reason)
         log.warning(
@@ -365,6 +326,7 @@ class AggregatorService:
         )
 
     def _flush_if_due(self) -> None:
+        self.chunks.expire(time.monotonic())
         if self._buffer_started is None:
             return
         if time.monotonic() - self._buffer_started >= self.settings.aggregator.buffer_timeout:
@@ -376,7 +338,7 @@ class AggregatorService:
         """Checkpoint, publish, then ack: in this order, so a crash never loses an update."""
         m = self.metrics
         with m.time_stage("checkpoint"):
-            self._checkpoint(self.core.state, applied.parent_version, applied.update_ids)
+            self.persistence.save(self.core.state, applied.parent_version, applied.update_ids)
         self.failpoints.reached("after_checkpoint")
         with m.time_stage("publish"):
             self._publish_global(update_ids=applied.update_ids)

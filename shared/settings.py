@@ -64,6 +64,9 @@ class AggregatorSettings(_Frozen):
     # Reject updates whose AMQP user_id is missing (per-client credentials in production).
     require_user_id: bool = False
     metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus /metrics; None: off
+    prefetch: int = Field(64, ge=1)  # unacked deliveries: >= K x chunks per update, with room
+    chunk_timeout: float = Field(120.0, gt=0)  # seconds before an incomplete chunk set fails
+    reassembly_max_mb: float = Field(1024.0, gt=0)  # bytes held across open chunk sets
     metrics_host: str = "127.0.0.1"
 
 
@@ -82,6 +85,7 @@ class WorkerSettings(_Frozen):
     max_updates: int = Field(0, ge=0)  # 0: until a signal
     wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     outbox_dir: Path = Path("outbox")
+    chunk_mb: float = Field(8.0, gt=0)  # larger updates travel in chunks of this size
     data_seed: int = 0
 
     @field_validator("client_id")

@@ -33,6 +33,7 @@ from helora.broker.connection import CONNECTION_LOST, close_connection, connect,
 from helora.broker.consumer import GlobalSubscriber
 from helora.broker.publisher import ConfirmedPublisher
 from helora.broker.topology import Topology, topology_ready
+from helora.shared.chunking import split
 from helora.shared.errors import BrokerUnavailable, ConfigError, DecodeError
 from helora.shared.lora_ops import cut_to_rank, subtract
 from helora.shared.messages import AdapterUpdate, GlobalAdapter, Tensors
@@ -282,15 +283,17 @@ class WorkerClient:
         return path
 
     def _send(self, path: Path) -> None:
-        """Publish one outbox file with confirms, then delete it."""
-        self.publisher.publish(
-            self.topo.updates_exchange,
-            self.w.client_id,
-            path.read_bytes(),
-            headers={"x-helora-kind": "update"},
-            message_id=path.stem,
-            user_id=self.user_id,
-        )
+        """Publish one outbox file with confirms (in chunks if it is large), then delete it."""
+        parts = split(path.read_bytes(), path.stem, int(self.w.chunk_mb * 2**20))
+        for i, (headers, part) in enumerate(parts):
+            self.publisher.publish(
+                self.topo.updates_exchange,
+                self.w.client_id,
+                part,
+                headers={"x-helora-kind": "update", **headers},
+                message_id=path.stem if len(parts) == 1 else f"{path.stem}.{i}",
+                user_id=self.user_id,
+            )
         path.unlink()
         self.summary.updates_sent += 1
         log.info("update_published", update_id=path.stem, client=self.w.client_id)

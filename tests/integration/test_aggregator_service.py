@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import threading
-import urllib.request
 import time
+import urllib.request
 import uuid
 
 import pytest
@@ -187,3 +187,53 @@ def test_two_aggregators_never_aggregate_at_once_and_the_standby_takes_over(
         close_connection(conn)
     ckpt = load_checkpoint(settings.aggregator.checkpoint_dir / "v00000006")
     assert ckpt.parent_version == 5 and len(ckpt.ledger) == 6
+
+
+def test_chunked_updates_are_reassembled_and_bad_chunk_sets_dead_lettered(
+    amqp_url, federation, tmp_path
+):
+    from helora.shared.chunking import split
+
+    settings = load_settings(
+        amqp_url=amqp_url,
+        federation=federation,
+        aggregator=dict(
+            checkpoint_dir=tmp_path / "ckpt", buffer_size=1, buffer_timeout=30, chunk_timeout=1.0
+        ),
+    )
+    topo = Topology(federation)
+    conn = connect(amqp_url, attempts=3)
+    declare_topology(conn.channel(), topo)
+    sub = GlobalSubscriber(conn, topo, offset="last")
+    pub = ConfirmedPublisher(conn)
+    running = Running(settings)
+    try:
+        assert sub.wait_newer(-1, timeout=20) is not None
+        good = update("c1", 4, 0)
+        parts = split(encode_update(good), good.update_id, 100)
+        assert len(parts) > 3
+        for headers, part in reversed(parts):  # any order
+            pub.publish(topo.updates_exchange, "c1", part, headers=headers)
+        got = sub.wait_newer(0, timeout=20)
+        assert got is not None and decode_global(got[1]).update_ids == (good.update_id,)
+
+        corrupt = update("c1", 4, 1)
+        parts = split(encode_update(corrupt), corrupt.update_id, 100)
+        for i, (headers, part) in enumerate(parts):
+            pub.publish(
+                topo.updates_exchange, "c1", part if i != 2 else part[::-1], headers=headers
+            )
+        incomplete = update("c1", 4, 1)
+        for headers, part in split(encode_update(incomplete), incomplete.update_id, 100)[:-1]:
+            pub.publish(topo.updates_exchange, "c1", part, headers=headers)
+        n_corrupt = len(parts)
+        n_incomplete = len(split(encode_update(incomplete), incomplete.update_id, 100)) - 1
+        reasons = _dead_reasons(conn, topo, n_corrupt + n_incomplete)
+        assert reasons.count("corrupt_chunks") == n_corrupt, reasons
+        assert reasons.count("incomplete_chunks") == n_incomplete, reasons
+        assert sub.wait_newer(1, timeout=1) is None  # neither was applied
+        assert running.service.chunks.reassembler.open_sets() == 0
+    finally:
+        running.stop()
+        sub.close()
+        close_connection(conn)
