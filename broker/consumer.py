@@ -141,6 +141,8 @@ class GlobalSubscriber:
         """Stop reading the stream. pika rejects deliveries still in flight when a consumer is
         cancelled, and streams answer a reject with 540 (closing the connection), so dispatch
         (and ack) what has arrived first, and treat a broker close during teardown as done."""
+        if not (self.connection.is_open and self.channel.is_open):
+            return  # the connection is already gone (e.g. a broker restart): nothing to close
         try:
             self.connection.process_data_events(time_limit=0)
             self.channel.close()
