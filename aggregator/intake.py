@@ -30,7 +30,7 @@ class Intake:
         if u.client_id != routing_key:
             detail = f"payload {u.client_id!r} vs routing key {routing_key!r}"
             return self._reject(core, u, "client_id_mismatch", detail), 0.0
-        if (user_id or self.require_user_id) and user_id != u.client_id:
+        if (user_id is not None or self.require_user_id) and user_id != u.client_id:
             detail = f"broker-validated user {user_id!r} sent as {u.client_id!r}"
             return self._reject(core, u, "identity_mismatch", detail), 0.0
         norm = adapter_norm(u.tensors)

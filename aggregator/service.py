@@ -183,6 +183,7 @@ class AggregatorService:
             s.amqp_url.get_secret_value(),
             heartbeat=s.heartbeat,
             attempts=s.connect_attempts,
+            tls=s.tls.connect_kwargs(),
             name="helora-aggregator",
         )
         self._connected = True

@@ -6,13 +6,16 @@ are not (retrying cannot fix them). Channel errors and broker-initiated closes s
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pika
 import pika.exceptions as pex
 import structlog
 
+from helora.broker.tls import ssl_options, tls_options_for
 from helora.shared.errors import BrokerUnavailable, ConfigError
 
 log = structlog.get_logger(__name__)
@@ -24,12 +27,35 @@ CONNECTION_LOST = (pex.AMQPConnectionError, pex.ConnectionWrongStateError)
 
 
 def connection_parameters(
-    url: str, *, heartbeat: int = 30, name: str = "helora"
+    url: str,
+    *,
+    heartbeat: int = 30,
+    name: str = "helora",
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_verify: bool = True,
+    tls_server_name: str | None = None,
 ) -> pika.URLParameters:
+    """pika parameters for ``url``. amqps:// URLs use TLS: the broker's certificate and host
+    name are verified (against ``tls_ca``, else the system CAs) unless ``tls_verify=False``;
+    ``tls_cert``/``tls_key`` present a client certificate. The same settings may come from the
+    URL's query (cacertfile, certfile, keyfile, verify, server_name_indication); keyword
+    arguments win. See helora.broker.tls."""
     try:
-        params = pika.URLParameters(url)
-    except (ValueError, TypeError) as exc:
+        pika_url, tls = tls_options_for(
+            url,
+            ca=tls_ca,
+            cert=tls_cert,
+            key=tls_key,
+            verify=tls_verify,
+            server_name=tls_server_name,
+        )
+        params = pika.URLParameters(pika_url)
+    except (ValueError, TypeError, SyntaxError, OSError) as exc:  # pika ssl_options query
         raise ConfigError(f"invalid AMQP URL: {exc}") from exc
+    if tls is not None:
+        params.ssl_options = ssl_options(tls)
     params.heartbeat = heartbeat
     params.blocked_connection_timeout = 300
     params.connection_attempts = 1
@@ -46,21 +72,34 @@ def connect(
     backoff: float = 0.5,
     max_backoff: float = 10.0,
     name: str = "helora",
+    tls: dict[str, Any] | None = None,
 ) -> pika.BlockingConnection:
-    """A BlockingConnection, retrying refused/lost connections up to ``attempts`` times."""
-    params = connection_parameters(url, heartbeat=heartbeat, name=name)
+    """A BlockingConnection, retrying refused/lost connections up to ``attempts`` times.
+
+    ``tls``: keyword arguments of ``connection_parameters`` (tls_ca, tls_cert, tls_key,
+    tls_verify, tls_server_name). A certificate that fails verification is a ConfigError at once
+    (retrying cannot fix it)."""
+    params = connection_parameters(url, heartbeat=heartbeat, name=name, **(tls or {}))
     delay = backoff
     for attempt in range(1, attempts + 1):
         try:
             return pika.BlockingConnection(params)
         except (pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError) as exc:
             raise ConfigError(f"broker refused the credentials or vhost: {exc!r}") from exc
+        except ssl.SSLCertVerificationError as exc:
+            raise ConfigError(f"TLS: the broker's certificate failed verification: {exc}") from exc
         except pex.AMQPConnectionError as exc:
             if attempt == attempts:
+                hint = (
+                    " With TLS, also check the client certificate and key: a broker that "
+                    "requires one drops connections without it."
+                    if params.ssl_options
+                    else ""
+                )
                 raise BrokerUnavailable(
                     f"no RabbitMQ broker answered at {params.host}:{params.port} after "
                     f"{attempts} attempts ({exc!r}). Start one (`make broker`) or set "
-                    "HELORA_AMQP_URL."
+                    f"HELORA_AMQP_URL.{hint}"
                 ) from exc
             log.warning(
                 "broker_connect_retry",
@@ -80,7 +119,7 @@ def broker_answers(url: str, timeout: float = 2.0) -> bool:
     params.socket_timeout = timeout
     try:
         pika.BlockingConnection(params).close()
-    except pex.AMQPError:
+    except (pex.AMQPError, ssl.SSLError, OSError):
         return False
     return True
 

@@ -96,6 +96,26 @@ class WorkerSettings(_Frozen):
         return v
 
 
+class TlsSettings(_Frozen):
+    """Client TLS for amqps:// URLs (the URL's query may carry the same: cacertfile, certfile,
+    keyfile, verify, server_name_indication). Env: HELORA_TLS__CA, HELORA_TLS__CERT, ..."""
+
+    ca: Path | None = None  # CA bundle that signed the broker's certificate
+    cert: Path | None = None  # client certificate (brokers with fail_if_no_peer_cert)
+    key: Path | None = None  # its private key (unencrypted)
+    verify: bool = True  # verify the broker's certificate and host name
+    server_name: str | None = None  # SNI / the host name to verify, if not the URL's
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        return {
+            "tls_ca": str(self.ca) if self.ca else None,
+            "tls_cert": str(self.cert) if self.cert else None,
+            "tls_key": str(self.key) if self.key else None,
+            "tls_verify": self.verify,
+            "tls_server_name": self.server_name,
+        }
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="HELORA_", env_nested_delimiter="__", frozen=True, extra="forbid"
@@ -117,6 +137,7 @@ class Settings(BaseSettings):
     heartbeat: int = Field(30, ge=0)  # seconds
     connect_attempts: int = Field(10, ge=1)
     torch_threads: int = Field(1, ge=0)  # 0: torch's default
+    tls: TlsSettings = TlsSettings()
     model: ModelSettings = ModelSettings()
     aggregator: AggregatorSettings = AggregatorSettings()
     worker: WorkerSettings = WorkerSettings()

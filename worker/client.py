@@ -142,6 +142,7 @@ class WorkerClient:
             s.amqp_url.get_secret_value(),
             heartbeat=s.heartbeat,
             attempts=s.connect_attempts,
+            tls=s.tls.connect_kwargs(),
             name=f"helora-worker-{self.w.client_id}",
         )
         self._connected = True

@@ -23,6 +23,11 @@ classic and quorum queues), the node name, every port and the epmd. It returns o
 node accepts AMQP connections again; clients reconnecting in a retry loop meanwhile get
 refused connections, never a half-started broker. Budget 30 s per restart in a test timeout.
 
+Cleanup: ``stop()``/``close()`` also kill, by PID, any process that carries this node's unique
+name in its environment (a half-started VM, or an ``epmd -daemon`` that an Erlang VM starts on
+its own when it finds no epmd on ERL_EPMD_PORT), so a failed start leaves nothing behind. Only
+a SIGKILL of the test process itself (no atexit) can leak the node and its epmd.
+
 Requirements: rabbitmq-server, rabbitmqctl and epmd on PATH, and root or the rabbitmq user (the
 Debian wrappers switch to the rabbitmq user, which must own the data directory).
 ``BrokerNode.unavailable_reason()`` says why a node cannot start here (tests skip with it).
@@ -224,7 +229,7 @@ class BrokerNode:
     def restart(self, *, hard: bool = False) -> str:
         """Stop and start again: same node name, ports, data dir (durable queues and persistent
         messages survive) and epmd. Returns the plain amqp:// URL once the node accepts
-        connections again (about 8 s here; about 5 s with ``hard``).
+        connections again (8-13 s here, 4-9 s with ``hard``; see the module docstring).
 
         ``hard=True`` kills the node with SIGKILL instead of a graceful stop: a broker crash.
         Quorum queues and streams fsync before confirming, so confirmed messages survive it."""
