@@ -26,8 +26,9 @@ def adapter_norm(tensors: Tensors) -> float:
 
 
 class NormGuard:
-    def __init__(self, *, ratio: float = 50.0, window: int = 50, min_history: int = 5,
-                 max_norm: float = 1e6) -> None:
+    def __init__(
+        self, *, ratio: float = 50.0, window: int = 50, min_history: int = 5, max_norm: float = 1e6
+    ) -> None:
         self.ratio = ratio
         self.min_history = min_history
         self.max_norm = max_norm
