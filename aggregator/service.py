@@ -19,11 +19,12 @@ buffered-but-unapplied update would lose it if the process then crashed before t
 from __future__ import annotations
 
 import signal
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -44,7 +45,7 @@ from helora.aggregator.intake import Intake
 from helora.aggregator.methods import make_core
 from helora.aggregator.metrics import AggregatorMetrics
 from helora.aggregator.persistence import Persistence
-from helora.broker.connection import CONNECTION_LOST, close_connection, connect
+from helora.broker.connection import CONNECTION_LOST, close_connection, connect, service_until
 from helora.broker.consumer import (
     KIND_HEADER,
     VERSION_HEADER,
@@ -62,6 +63,7 @@ from helora.shared.spec import AdapterSpec
 from helora.shared.wire import WireLimits, decode_update, encode_global
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -126,6 +128,7 @@ class AggregatorService:
         self.metrics = AggregatorMetrics()
         self.metrics.version(self.core.version)
         self._pending: list[int] = []  # delivery tags of the buffered updates
+        self._inbox: deque[Delivery] = deque()  # deliveries not yet handled (<= prefetch)
         self._buffer_started: float | None = None
         self._stop = False
         self._connected = False
@@ -193,7 +196,8 @@ class AggregatorService:
             self._publish_global(update_ids=self.persistence.update_ids)
             prefetch = max(s.aggregator.prefetch, 2 * s.aggregator.buffer_size)
             self.consumer = UpdateConsumer(self.connection, self.topo, prefetch=prefetch)
-            self.consumer.start(self._on_delivery)
+            self._inbox.clear()
+            self.consumer.start(self._inbox.append)  # callbacks only enqueue (see run_pumped)
             self.metrics.set_ready(True)
             log.info(
                 "aggregator_ready",
@@ -203,7 +207,9 @@ class AggregatorService:
                 queue=self.topo.updates_queue,
             )
             while not self._stop:
-                self.consumer.poll(0.5)
+                self.consumer.poll(0 if self._inbox else 0.5)
+                while self._inbox and not self._stop:
+                    self._on_delivery(self._inbox.popleft())
                 self._flush_if_due()
         finally:
             close_connection(self.connection)  # unacked deliveries return to the queue
@@ -236,6 +242,25 @@ class AggregatorService:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         log.info("signal_received", signal=signal.Signals(signum).name)
         self._stop = True
+
+    def run_pumped(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (e.g. KD distillation, seconds to minutes) in a thread while this thread
+        keeps the broker connection serviced: heartbeats go out, and deliveries that arrive
+        meanwhile only join the inbox (callbacks never handle them), so nothing re-enters."""
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # re-raised below, in this thread
+                box["error"] = exc
+
+        thread = threading.Thread(target=work, name="aggregator-work", daemon=True)
+        thread.start()
+        service_until(self.connection, lambda: not thread.is_alive())
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
     def _on_delivery(self, chunk: Delivery) -> None:
         whole = self.chunks.offer(chunk, time.monotonic())
