@@ -41,3 +41,7 @@ broker:
 
 clean:
 	rm -rf out build dist *.egg-info .pytest_cache .hypothesis
+
+.PHONY: bench
+bench:  # ingest vs raw RabbitMQ, wire bytes, stage costs, memory, bf16 accuracy -> out/bench.json
+	$(PY) -m helora bench --data $(DATA)/sst2 --out out/bench.json
