@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from helora.aggregator.guards import NormGuard, adapter_norm
@@ -37,3 +38,9 @@ def test_window_is_bounded_and_slides():
 def test_non_finite_norms_are_left_to_the_core():
     g = NormGuard(max_norm=1.0)
     assert g.check(math.nan) is None and g.check(math.inf) is None
+
+
+def test_norm_of_huge_finite_values_falls_back_to_float64():
+    t = {"a": torch.full((4,), 1e30)}  # float32 squares overflow; the true norm is 2e30
+    assert adapter_norm(t) == pytest.approx(2e30, rel=1e-6)
+    assert math.isnan(adapter_norm({"a": torch.tensor([math.nan])}))
