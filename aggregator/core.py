@@ -9,6 +9,9 @@ Rules (HELORA_METHOD.md section 0 items 5-7):
   global becomes global + eta * aggregated delta and the version increases by one.
 - The ledger of applied update ids is part of the state: a redelivered update is a ``Duplicate``,
   never applied twice. Updates still in the buffer count as seen too.
+- Other aggregation rules (methods.py: zero-pad, HetLoRA, FlexLoRA, HeLoRA-KD) reuse these rules
+  by overriding the hooks ``_new_accumulator``, ``_accumulate``, ``_apply_buffer``,
+  ``_after_version`` and ``_validate``; versioning, ledger and counters live only here.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from helora.aggregator.strategies import (
+    Accumulator,
     PadAccumulator,
     Staleness,
     Weighting,
@@ -98,6 +102,15 @@ class CoreState:
     applied: dict[str, int] = field(default_factory=dict)  # ledger: update id -> version
     counters: Counter[str] = field(default_factory=Counter)
     staleness_hist: Counter[int] = field(default_factory=Counter)
+    # HeLoRA-KD only (kd.py): the slot adapters by rank level, each at its own rank. The slot at R
+    # is ``adapter`` itself (the same dict), so only the levels below R need persisting.
+    slots: dict[int, Tensors] | None = None
+    # HeLoRA-KD only: per slot, (num_examples, base_version) of the updates in the most recent
+    # applied buffer that addressed that slot (the teacher-weight record).
+    slot_updates: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
+    # FlexLoRA only (baselines.py): the LoRA factors of the previous versions (version -> tensors),
+    # the last ``max_staleness`` of them, to rebuild a stale client's product exactly.
+    history: dict[int, Tensors] = field(default_factory=dict)
 
 
 class AggregatorCore:
@@ -105,7 +118,11 @@ class AggregatorCore:
 
     method = "pad"
 
-    def __init__(self, spec: AdapterSpec, config: PadConfig, state: CoreState) -> None:
+    def __init__(
+        self, spec: AdapterSpec, config: PadConfig, state: CoreState, *, method: str | None = None
+    ) -> None:
+        if method is not None:
+            self.method = method
         self.spec = spec
         self.config = config
         self.state = state
@@ -151,7 +168,7 @@ class AggregatorCore:
         u = self.state.version - update.base_version
         s = staleness_weight(u, self.config.staleness, self.config.staleness_a, self.config.hinge_b)
         delta = {n: t.to(torch.float32) for n, t in update.tensors.items()}
-        self._acc.add(delta, update.rank, update.num_examples, s)
+        self._accumulate(update, delta, s)
         self._buffer_ids.append(update.update_id)
         self._buffer_staleness.append(u)
         if len(self._buffer_ids) >= self.config.buffer_size:
@@ -162,11 +179,8 @@ class AggregatorCore:
         """Apply the buffer (if it holds anything) and start a new version."""
         if not self._buffer_ids:
             return None
-        delta = self._acc.result()
-        eta = self.config.server_lr
-        for name, d in delta.items():
-            self.state.adapter[name] = self.state.adapter[name] + eta * d
         parent = self.state.version
+        self._apply_buffer()
         self.state.version += 1
         ids, stale = tuple(self._buffer_ids), tuple(self._buffer_staleness)
         for uid in ids:
@@ -174,6 +188,7 @@ class AggregatorCore:
         self.state.counters["applied"] += len(ids)
         self.state.staleness_hist.update(stale)
         self._buffer_ids, self._buffer_staleness = [], []
+        self._after_version(parent)
         self._acc = self._new_accumulator()
         return Applied(self.state.version, parent, ids, stale)
 
@@ -182,9 +197,22 @@ class AggregatorCore:
 
     # ---- internals ----
 
-    def _new_accumulator(self) -> PadAccumulator:
+    def _new_accumulator(self) -> Accumulator:
         c = self.config
         return PadAccumulator(self.spec.max_rank, c.padding, c.weighting, c.beta)
+
+    def _accumulate(self, update: AdapterUpdate, delta: Tensors, staleness_factor: float) -> None:
+        """Add one validated update (float32 ``delta``) to the open buffer."""
+        self._acc.add(delta, update.rank, update.num_examples, staleness_factor)
+
+    def _apply_buffer(self) -> None:
+        """Replace the global's tensors by the buffer's result (still at the parent version)."""
+        new = self._acc.apply(self.state.adapter, self.config.server_lr)
+        for name, t in new.items():
+            self.state.adapter[name] = t
+
+    def _after_version(self, parent: int) -> None:
+        """Called once the version moved from ``parent`` to ``state.version`` (ledger written)."""
 
     def _check_adapter(self, adapter: Tensors) -> None:
         if set(adapter) != set(self.spec.shapes):
@@ -219,9 +247,15 @@ class AggregatorCore:
                 return "bad_tensor_shape", f"{name}: {tuple(t.shape)} != {want}"
             if not t.is_floating_point():
                 return "bad_dtype", f"{name}: {t.dtype}"
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 return "non_finite", name
         return None
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Exactly ``isfinite(t).all()``: a finite sum proves it (inf/nan make the sum non-finite),
+    and costs ~10x less on a 7B-class update; only a non-finite sum needs the exact check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def norm(tensors: Tensors) -> float:

@@ -8,17 +8,33 @@ Rules:
   classifier head and other full tensors are averaged with weights n.
 - Accumulation is streaming: the buffer keeps running sums, never the K deltas, so memory does not
   grow with K or with the number of clients.
+- Every accumulator has ``add`` (one validated delta) and ``apply(adapter, eta)`` (the new global
+  from the current one); the core owns versions, ledger and staleness (``Accumulator``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 import torch
 
-from helora.shared.lora_ops import Padding, is_lora_a, is_lora_b, pad_to_rank
+from helora.shared.lora_ops import LORA_A, LORA_B, Padding, is_lora_a, is_lora_b, pad_to_rank
 from helora.shared.messages import Tensors
+
+
+class Accumulator(Protocol):
+    """One buffer's running aggregation (what the core needs from a strategy)."""
+
+    count: int
+
+    def add(self, delta: Tensors, rank: int, num_examples: int, staleness_factor: float) -> None:
+        """Add one validated float32 delta of rank ``rank``."""
+
+    def apply(self, adapter: Tensors, eta: float) -> Tensors:
+        """The new global tensors (every name of ``adapter``), given the current global."""
 
 
 class Weighting(StrEnum):
@@ -61,6 +77,18 @@ def update_weight(
     return float(num_examples)
 
 
+def lora_pairs(names: Iterable[str]) -> list[tuple[str, str]]:
+    """(A name, B name) of every adapted matrix among ``names``, sorted by the A name."""
+    found = set(names)
+    pairs = []
+    for a in sorted(n for n in found if is_lora_a(n)):
+        b = a.replace(LORA_A, LORA_B)
+        if b not in found:
+            raise ValueError(f"{a} has no matching {b}")
+        pairs.append((a, b))
+    return pairs
+
+
 @dataclass
 class PadAccumulator:
     """Running sums for one buffer of HeLoRA-Pad (or zero-pad FedAvg) aggregation."""
@@ -85,7 +113,10 @@ class PadAccumulator:
             self._add_coverage(delta, rank, num_examples, staleness_factor)
         else:
             w = update_weight(num_examples, rank, self.max_rank, self.weighting, self.beta)
-            padded = pad_to_rank(delta, self.max_rank, self.padding)
+            # nothing to pad at rank R: use the delta itself (_sum_into never aliases it)
+            padded = (
+                delta if rank == self.max_rank else pad_to_rank(delta, self.max_rank, self.padding)
+            )
             for name, t in padded.items():
                 self._sum_into(name, t, staleness_factor * w)
             self._weight_sum += w
@@ -135,3 +166,7 @@ class PadAccumulator:
             else:
                 out[name] = t / self._full_weight_sum
         return out
+
+    def apply(self, adapter: Tensors, eta: float) -> Tensors:
+        """global + eta * result(): the FedBuff step of HeLoRA-Pad."""
+        return {name: adapter[name] + eta * d for name, d in self.result().items()}
