@@ -7,6 +7,8 @@ Layout under the checkpoint root:
     v00000012/manifest.json              version, parent, method, R, fingerprint, update ids,
                                          counters, staleness histogram
     v00000012/ledger.json                every applied update id -> the version that applied it
+    v00000012/slot-r2/...                HeLoRA-KD: one PEFT adapter directory per slot below R
+    v00000012/history.safetensors        FlexLoRA: the factors of the last u_max versions
     LATEST                               the name of the newest complete checkpoint
 
 A checkpoint is written into a temporary directory, fsynced, renamed into place, and only then
@@ -34,6 +36,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 MANIFEST_FILE = "manifest.json"
 LEDGER_FILE = "ledger.json"
+HISTORY_FILE = "history.safetensors"
 
 
 @dataclass
@@ -50,9 +53,16 @@ class Checkpoint:
     staleness_hist: Counter[int] = field(default_factory=Counter)
     created_at: float = 0.0
     path: Path | None = None
+    # HeLoRA-KD: the slots below R (slot R is ``adapter``) and the teacher-weight record
+    slots: dict[int, Tensors] = field(default_factory=dict)
+    slot_updates: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
+    # FlexLoRA: the factors of recent versions (to rebuild stale clients' products)
+    history: dict[int, Tensors] = field(default_factory=dict)
 
     def manifest(self) -> dict[str, Any]:
         return {
+            "slots": sorted(self.slots),
+            "slot_updates": {str(k): [list(p) for p in v] for k, v in self.slot_updates.items()},
             "version": self.version,
             "parent_version": self.parent_version,
             "method": self.method,
@@ -87,6 +97,20 @@ class CheckpointStore:
         _write_json(tmp / CONFIG_FILE, self.adapter_config)
         _write_json(tmp / MANIFEST_FILE, ckpt.manifest())
         _write_json(tmp / LEDGER_FILE, ckpt.ledger)
+        for level, tensors in ckpt.slots.items():  # one PEFT adapter directory per KD slot
+            slot_dir = tmp / f"slot-r{level}"
+            slot_dir.mkdir()
+            save_file(
+                {n: t.contiguous() for n, t in tensors.items()},
+                str(slot_dir / ADAPTER_FILE),
+                metadata={"format": "pt"},
+            )
+            _write_json(slot_dir / CONFIG_FILE, self._config_at_rank(level, ckpt.max_rank))
+        if ckpt.history:
+            flat = {
+                f"v{v}/{n}": t.contiguous() for v, ts in ckpt.history.items() for n, t in ts.items()
+            }
+            save_file(flat, str(tmp / HISTORY_FILE))
         _fsync(tmp / ADAPTER_FILE)
         if final.exists():  # a crash after rename but before LATEST: same version, rewrite it
             shutil.rmtree(final)
@@ -96,6 +120,15 @@ class CheckpointStore:
         ckpt.path = final
         self._prune()
         return final
+
+    def _config_at_rank(self, rank: int, max_rank: int) -> dict[str, Any]:
+        """adapter_config.json of a slot: rank r, and alpha scaled so the scale stays alpha/R."""
+        cfg = dict(self.adapter_config)
+        if "r" in cfg:
+            cfg["r"] = rank
+        if "lora_alpha" in cfg:
+            cfg["lora_alpha"] = cfg["lora_alpha"] * rank / max_rank
+        return cfg
 
     def latest_path(self) -> Path | None:
         pointer = self.root / LATEST
@@ -127,6 +160,15 @@ def load_checkpoint(path: Path) -> Checkpoint:
         manifest = json.loads((path / MANIFEST_FILE).read_text())
         ledger = json.loads((path / LEDGER_FILE).read_text())
         adapter = load_file(str(path / ADAPTER_FILE))
+        slots = {
+            int(level): load_file(str(path / f"slot-r{level}" / ADAPTER_FILE))
+            for level in manifest.get("slots", [])
+        }
+        history: dict[int, Tensors] = {}
+        if (path / HISTORY_FILE).exists():
+            for key, t in load_file(str(path / HISTORY_FILE)).items():
+                version, name = key.split("/", 1)
+                history.setdefault(int(version[1:]), {})[name] = t
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from exc
     return Checkpoint(
@@ -142,6 +184,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
         staleness_hist=Counter({int(k): v for k, v in manifest.get("staleness_hist", {}).items()}),
         created_at=manifest.get("created_at", 0.0),
         path=path,
+        slots=slots,
+        slot_updates={
+            int(k): tuple(tuple(p) for p in v) for k, v in manifest.get("slot_updates", {}).items()
+        },
+        history=history,
     )
 
 

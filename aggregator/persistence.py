@@ -23,8 +23,18 @@ log = structlog.get_logger(__name__)
 
 
 def state_of(ckpt: Checkpoint) -> CoreState:
+    slots = None
+    if ckpt.slots:  # KD: slot R is the adapter itself (the same dict)
+        slots = {**ckpt.slots, ckpt.max_rank: ckpt.adapter}
     return CoreState(
-        ckpt.version, ckpt.adapter, dict(ckpt.ledger), ckpt.counters, ckpt.staleness_hist
+        ckpt.version,
+        ckpt.adapter,
+        dict(ckpt.ledger),
+        ckpt.counters,
+        ckpt.staleness_hist,
+        slots=slots,
+        slot_updates=dict(ckpt.slot_updates),
+        history=dict(ckpt.history),
     )
 
 
@@ -81,6 +91,9 @@ class Persistence:
                 counters=state.counters,
                 staleness_hist=state.staleness_hist,
                 created_at=time.time(),
+                slots={r: t for r, t in (state.slots or {}).items() if r != self.spec.max_rank},
+                slot_updates=state.slot_updates,
+                history=state.history,
             )
         )
 

@@ -42,6 +42,7 @@ from helora.aggregator.core import (
 from helora.aggregator.failpoints import Failpoints
 from helora.aggregator.guards import NormGuard
 from helora.aggregator.intake import Intake
+from helora.aggregator.kd import Distiller
 from helora.aggregator.methods import make_core
 from helora.aggregator.metrics import AggregatorMetrics
 from helora.aggregator.persistence import Persistence
@@ -99,9 +100,11 @@ class AggregatorService:
         spec: AdapterSpec,
         adapter_config: dict[str, Any],
         initial_adapter: Callable[[], Tensors],
+        distiller: Distiller | None = None,
     ) -> None:
         self.settings = settings
         self.spec = spec
+        self.distiller = distiller
         self.topo = Topology(settings.federation)
         a = settings.aggregator
         store = CheckpointStore(
@@ -136,8 +139,21 @@ class AggregatorService:
         self.failpoints = Failpoints(a.failpoint)
 
     def _make_core(self, state: CoreState) -> AggregatorCore:
-        method = self.settings.aggregator.method
-        return make_core(method, self.spec, pad_config(self.settings), state)
+        a = self.settings.aggregator
+        if a.method != "kd":
+            return make_core(a.method, self.spec, pad_config(self.settings), state)
+        distiller = self.distiller
+        if distiller is not None:  # minutes of CPU: keep the broker connection serviced meanwhile
+            real = distiller
+            distiller = lambda slots, weights: self.run_pumped(lambda: real(slots, weights))  # noqa: E731
+        return make_core(
+            "kd",
+            self.spec,
+            pad_config(self.settings),
+            state,
+            rank_levels=a.rank_levels or None,
+            distiller=distiller,
+        )
 
     # ---- startup and checkpoints ----
 

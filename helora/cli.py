@@ -84,7 +84,19 @@ def broker_delete(
 
 @aggregator_app.command("run")
 def aggregator_run(
-    method: Annotated[str, typer.Option(help="Aggregation method: pad (HeLoRA-Pad).")] = "pad",
+    method: Annotated[
+        str,
+        typer.Option(help="pad (HeLoRA-Pad), kd (HeLoRA-KD), zeropad, fedavg, hetlora, flexlora."),
+    ] = "pad",
+    rank_levels: Annotated[
+        str | None, typer.Option(help="KD: comma-separated slot ranks, e.g. 2,4,8.")
+    ] = None,
+    kd_data: Annotated[
+        str | None, typer.Option(help="KD: dataset whose public split is distilled on.")
+    ] = None,
+    kd_steps: Annotated[
+        int | None, typer.Option(help="KD: distillation steps per version.")
+    ] = None,
     amqp_url: AmqpUrl = None,
     federation: Federation = None,
     checkpoint_dir: Annotated[
@@ -138,6 +150,9 @@ def aggregator_run(
                 max_staleness=max_staleness,
                 server_lr=server_lr,
                 allowed_ranks=_ints(allowed_ranks),
+                rank_levels=_ints(rank_levels),
+                kd_data=kd_data,
+                kd_steps=kd_steps,
                 wire_dtype=wire_dtype,
             ),
         )

@@ -49,7 +49,37 @@ def build_aggregator(settings: Settings, num_labels: int) -> Any:
     spec = AdapterSpec.from_tensors(cfg.model, initial, cfg.lora_alpha)
     adapter_config = clf.peft_config_dict()
     del clf
-    return AggregatorService(settings, spec, adapter_config, lambda: initial)
+    return AggregatorService(
+        settings, spec, adapter_config, lambda: initial, distiller=_kd_distiller(settings, cfg)
+    )
+
+
+def _kd_distiller(settings: Settings, cfg: Any) -> Any:
+    """HeLoRA-KD's mutual distillation on the public split of ``aggregator.kd_data``."""
+    a = settings.aggregator
+    if a.method != "kd":
+        return None
+    if not a.kd_data:
+        raise ConfigError(
+            "--method kd needs --kd-data: the dataset whose public split (disjoint "
+            "from every client's training pool) is distilled on"
+        )
+    from helora.aggregator.distill import make_distiller
+    from helora.worker.data import load_federated_data
+
+    data = load_federated_data(
+        a.kd_data, public_size=a.kd_public_size, seed=settings.worker.data_seed
+    )
+    log.info("kd_public_set", examples=len(data.public), source=a.kd_data)
+    return make_distiller(
+        cfg,
+        data.public.texts,
+        steps=a.kd_steps,
+        batch_size=a.kd_batch_size,
+        lr=a.kd_lr,
+        temperature=a.kd_temperature,
+        seed=settings.model.seed,
+    )
 
 
 def build_worker(settings: Settings) -> Any:

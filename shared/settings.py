@@ -36,7 +36,18 @@ class ModelSettings(_Frozen):
 
 
 class AggregatorSettings(_Frozen):
-    method: Literal["pad"] = "pad"
+    method: Literal["pad", "zeropad", "fedavg", "hetlora", "flexlora", "kd"] = "pad"
+    # HeLoRA-KD: one slot per rank level (empty: allowed_ranks, else every client rank 1..R is
+    # not allowed: set it), and mutual distillation on a public set that no client trains on:
+    # the public split of kd_data (load_federated_data carves it disjoint from the train pool;
+    # workers must use the same data seed and max_train so their pool excludes it).
+    rank_levels: tuple[int, ...] = ()
+    kd_data: str | None = None
+    kd_public_size: int = Field(500, ge=1)
+    kd_steps: int = Field(30, ge=1)
+    kd_batch_size: int = Field(32, ge=1)
+    kd_lr: float = Field(1e-3, gt=0)
+    kd_temperature: float = Field(1.0, gt=0)
     checkpoint_dir: Path = Path("checkpoints")
     keep_checkpoints: int = Field(3, ge=1)
     padding: Literal["zero", "mean", "context", "adjacent"] = "context"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.request
@@ -233,6 +234,82 @@ def test_chunked_updates_are_reassembled_and_bad_chunk_sets_dead_lettered(
         assert reasons.count("incomplete_chunks") == n_incomplete, reasons
         assert sub.wait_newer(1, timeout=1) is None  # neither was applied
         assert running.service.chunks.reassembler.open_sets() == 0
+    finally:
+        running.stop()
+        sub.close()
+        close_connection(conn)
+
+
+def test_kd_in_the_service_slots_distillation_checkpoint_and_restart(
+    amqp_url, federation, tmp_path
+):
+    """HeLoRA-KD over the broker: each update goes to its rank's slot, the (here fake) distiller
+    runs once per version for 8 s with a 2 s heartbeat (so the connection must be serviced
+    meanwhile), the global carries every slot, and a restart resumes them from the checkpoint."""
+    calls = []
+
+    def slow_distiller(slots, weights):
+        calls.append(dict(weights))
+        time.sleep(8.0)  # longer than 2 missed heartbeats: the service must keep pumping
+        return {r: {n: t + 0.5 for n, t in ts.items()} for r, ts in slots.items()}
+
+    settings = load_settings(
+        amqp_url=amqp_url,
+        federation=federation,
+        heartbeat=2,
+        aggregator=dict(
+            checkpoint_dir=tmp_path / "ckpt",
+            buffer_size=2,
+            buffer_timeout=30,
+            method="kd",
+            rank_levels=(2, 4),
+        ),
+    )
+    topo = Topology(federation)
+    conn = connect(amqp_url, attempts=3)
+    declare_topology(conn.channel(), topo)
+    sub = GlobalSubscriber(conn, topo, offset="last")
+    pub = ConfirmedPublisher(conn)
+
+    def start():
+        r = Running.__new__(Running)
+        r.service = AggregatorService(
+            settings, SPEC, {"r": R, "lora_alpha": 8.0}, initial, distiller=slow_distiller
+        )
+        r.summary = None
+        r.thread = threading.Thread(target=r._run, daemon=True)
+        r.thread.start()
+        return r
+
+    running = start()
+    try:
+        got = sub.wait_newer(-1, timeout=20)
+        assert got is not None and sorted(decode_global(got[1]).slots) == [2, 4]
+        for rank in (2, 4):
+            pub.publish(topo.updates_exchange, "c1", encode_update(update("c1", rank, 0)))
+        got = sub.wait_newer(0, timeout=60)
+        assert got is not None and got[0] == 1
+        g = decode_global(got[1])
+        assert sorted(g.slots) == [2, 4] and g.slots[2][A].shape == (2, 6)
+        assert len(calls) == 1 and set(calls[0]) == {2, 4}
+        assert running.thread.is_alive() and running.service.session["reconnects"] == 0
+        u = update("c1", 3, 1)  # not a rank level
+        pub.publish(topo.updates_exchange, "c1", encode_update(u))
+        assert _dead_reasons(conn, topo, 1) == ["bad_rank"]
+    finally:
+        running.stop()
+    ckpt_dir = settings.aggregator.checkpoint_dir / "v00000001"
+    assert (ckpt_dir / "slot-r2" / "adapter_model.safetensors").exists()
+    cfg2 = json.loads((ckpt_dir / "slot-r2" / "adapter_config.json").read_text())
+    assert cfg2["r"] == 2 and cfg2["lora_alpha"] == 4.0
+    running = start()  # restart: the slots come back from the checkpoint
+    try:
+        restored = running.service.core.state
+        assert restored.version == 1 and restored.slots is not None
+        for r in (2, 4):
+            for n in g.slots[r]:
+                assert torch.equal(restored.slots[r][n], g.slots[r][n]), (r, n)
+        assert restored.slot_updates  # the teacher-weight record survived too
     finally:
         running.stop()
         sub.close()
