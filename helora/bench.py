@@ -102,9 +102,11 @@ def run_bench(url: str, cfg: BenchConfig, console: Console | None = None) -> dic
             say("malloc probe (two fresh processes)")
             res["malloc_probe"] = bench_stages.malloc_probe()
         c = cfg.chunk_mb
-        runs = [("small", "float32", 1, "current", c)]
+        # the writers' default zstd level is "auto" (shared/wire.py): the headline runs use it
+        runs = [("small", "float32", "auto", "current", c)]
         if cfg.large:
-            runs.append(("large", "float32", 1, "current", c))
+            runs.append(("large", "float32", "auto", "current", c))
+            runs.append(("large", "float32", 1, "current", c))  # always-compress, for comparison
             if cfg.variants:
                 runs += [
                     ("large", "float32", 1, "current", 0.0),  # one 31 MB message per update

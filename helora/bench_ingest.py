@@ -63,7 +63,7 @@ Message = tuple[str, dict[str, Any], bytes, str]  # routing key, headers, body, 
 class IngestResult:
     adapter: str
     wire_dtype: str
-    zstd_level: int
+    zstd_level: int | str
     variant: str
     chunk_mb: float
     messages: int  # updates
@@ -87,7 +87,7 @@ class IngestResult:
 
 
 def encoded_updates(
-    shape: AdapterShape, n: int, k: int, wire_dtype: str, level: int = 1
+    shape: AdapterShape, n: int, k: int, wire_dtype: str, level: int | str = "auto"
 ) -> tuple[list[tuple[str, str, bytes]], AdapterSpec]:
     """N (client id, update id, body) of rank-R updates sharing one set of values, and the spec."""
     spec = spec_for(shape)
@@ -135,7 +135,7 @@ def measure_ingest(
     messages: int,
     batch: int,
     wire_dtype: str = "float32",
-    level: int = 1,
+    level: int | str = "auto",
     variant: str = "current",
     chunk_mb: float = 8.0,
     prefetch: int = 64,

@@ -47,12 +47,15 @@ def _ingest_table(res: dict[str, Any]) -> Table:
 
 
 def _wire_table(res: dict[str, Any]) -> Table:
-    t = Table(title="Bytes on the wire per rank-R update (zstd level 1)")
+    t = Table(title="Bytes on the wire per rank-R update (zstd level auto; level 1 in brackets)")
     for col in ("adapter", "raw float32", "float32", "bfloat16", "float16"):
         t.add_column(col, justify="right")
     for adapter, b in res["wire_bytes"].items():
         raw = b["raw_float32"]
-        cells = [f"{b[d]:,} ({b[d] / raw:.2f})" for d in ("float32", "bfloat16", "float16")]
+        cells = [
+            f"{b[d]:,} ({b[d] / raw:.2f}) [{b[d + '_level1']:,}]"
+            for d in ("float32", "bfloat16", "float16")
+        ]
         t.add_row(adapter, f"{raw:,}", *cells)
     return t
 

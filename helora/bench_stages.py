@@ -58,10 +58,12 @@ def median_ms(fn: Callable[[], Any], repeat: int) -> float:
 
 
 def wire_bytes(shape: AdapterShape) -> dict[str, int]:
-    """Encoded bytes of one rank-R update per wire dtype (zstd level 1), and the raw float32."""
+    """Encoded bytes of one rank-R update per wire dtype with the writers' default zstd level
+    ("auto"), the same at level 1 (``<dtype>_level1``), and the raw float32 tensor bytes."""
     spec = spec_for(shape)
     u = synthetic_update(shape, spec, client_id="c")
     out = {dt: len(encode_update(u, wire_dtype=dt)) for dt in WIRE_DTYPES}
+    out |= {f"{dt}_level1": len(encode_update(u, wire_dtype=dt, level=1)) for dt in WIRE_DTYPES}
     out["raw_float32"] = shape.float32_bytes()
     return out
 
