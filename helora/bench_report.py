@@ -46,6 +46,12 @@ def _ingest_table(res: dict[str, Any]) -> Table:
     return t
 
 
+OPT_TITLE = (
+    "Optimisations measured on a 7B-class update, median ms (current = without it); "
+    "adopted: finite check, float32 norm, zstd auto"
+)
+
+
 def _wire_table(res: dict[str, Any]) -> Table:
     t = Table(title="Bytes on the wire per rank-R update (zstd level auto; level 1 in brackets)")
     for col in ("adapter", "raw float32", "float32", "bfloat16", "float16"):
@@ -78,7 +84,8 @@ def _stage_table(res: dict[str, Any]) -> Table:
 
 def _proposal_table(res: dict[str, Any]) -> Table:
     t = Table(
-        title="Optimisations measured on a 7B-class update, median ms (current = without it); adopted: finite check, float32 norm, zstd auto"
+        title="Optimisations measured on a 7B-class update, median ms (current = without it); "
+        "adopted: finite check, float32 norm, zstd auto"
     )
     for col in ("change", "current", "proposed", "saving"):
         t.add_column(col, justify="right" if col != "change" else "left")
