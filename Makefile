@@ -45,3 +45,10 @@ clean:
 .PHONY: bench
 bench:  # ingest vs raw RabbitMQ, wire bytes, stage costs, memory, bf16 accuracy -> out/bench.json
 	$(PY) -m helora bench --data $(DATA)/sst2 --out out/bench.json
+
+.PHONY: study study-quick
+study:  # the accuracy study (methods x splits x datasets x seeds) -> out/study (resumable)
+	$(PY) -m helora study --data-dir $(DATA) --out out/study
+
+study-quick:  # the reduced matrix
+	$(PY) -m helora study --quick --data-dir $(DATA) --out out/study-quick

@@ -11,8 +11,10 @@ import typer
 from helora.cli_admin import admin_app
 from helora.cli_common import AmqpUrl, Federation, LogLevel, _fail, _ints, _settings
 from helora.cli_ops import ops_app
+from helora.cli_sim import simulate_command
 from helora.shared.errors import HeloraError
 from helora.shared.logging import configure_logging
+from helora.study import study_command
 
 app = typer.Typer(
     help="Asynchronous rank-heterogeneous federated LoRA (HeLoRA) over RabbitMQ.",
@@ -27,6 +29,8 @@ worker_app = typer.Typer(help="A federated client.", no_args_is_help=True)
 app.add_typer(broker_app, name="broker")
 broker_app.add_typer(admin_app)  # add-client, remove-client, list-clients, add-aggregator
 app.registered_commands += ops_app.registered_commands  # bench, status
+app.command("simulate")(simulate_command)
+app.command("study")(study_command)
 app.add_typer(aggregator_app, name="aggregator")
 app.add_typer(worker_app, name="worker")
 log = structlog.get_logger("helora.cli")
