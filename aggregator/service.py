@@ -46,7 +46,7 @@ from helora.aggregator.kd import Distiller
 from helora.aggregator.methods import make_core
 from helora.aggregator.metrics import AggregatorMetrics
 from helora.aggregator.persistence import Persistence
-from helora.broker.connection import CONNECTION_LOST, close_connection, connect, service_until
+from helora.broker.connection import close_connection, connect, retryable, service_until
 from helora.broker.consumer import (
     KIND_HEADER,
     VERSION_HEADER,
@@ -180,7 +180,9 @@ class AggregatorService:
                     if not connected_once:
                         raise  # a wrong URL or no broker at all: tell the user now
                     self._lost("broker unavailable")
-                except CONNECTION_LOST as exc:
+                except Exception as exc:  # the top of the service loop (DESIGN.md section 4)
+                    if not retryable(exc):
+                        raise
                     self._lost(repr(exc))
                 connected_once = connected_once or self._connected
                 self._sleep(delay)

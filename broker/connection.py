@@ -26,6 +26,19 @@ log = structlog.get_logger(__name__)
 CONNECTION_LOST = (pex.AMQPConnectionError, pex.ConnectionWrongStateError)
 
 
+def retryable(exc: BaseException) -> bool:
+    """Reconnect-and-retry errors: a lost connection, or the 404 RabbitMQ answers for a durable
+    queue whose home node is "down or inaccessible" while it recovers after a restart. Every
+    other channel error is a real error (ours) and must surface."""
+    if isinstance(exc, CONNECTION_LOST):
+        return True
+    return (
+        isinstance(exc, pex.ChannelClosedByBroker)
+        and exc.reply_code == 404
+        and "down or inaccessible" in str(exc.reply_text)
+    )
+
+
 def connection_parameters(
     url: str,
     *,

@@ -29,7 +29,13 @@ from urllib.parse import unquote, urlparse
 
 import structlog
 
-from helora.broker.connection import CONNECTION_LOST, close_connection, connect, service_until
+from helora.broker.connection import (
+    CONNECTION_LOST,
+    close_connection,
+    connect,
+    retryable,
+    service_until,
+)
 from helora.broker.consumer import GlobalSubscriber
 from helora.broker.publisher import ConfirmedPublisher
 from helora.broker.topology import Topology, topology_ready
@@ -125,7 +131,9 @@ class WorkerClient:
             except BrokerUnavailable:
                 if not connected_once:
                     raise
-            except CONNECTION_LOST as exc:
+            except Exception as exc:  # the top of the client loop: reconnect or surface
+                if not retryable(exc):
+                    raise
                 self.summary.reconnects += 1
                 log.warning("broker_connection_lost", client=self.w.client_id, error=repr(exc))
             connected_once = connected_once or self._connected
