@@ -30,6 +30,7 @@ from helora.aggregator.kd import Distiller, KDCore
 from helora.aggregator.strategies import Weighting
 from helora.shared.errors import ConfigError
 from helora.shared.lora_ops import Padding
+from helora.shared.settings import Settings
 from helora.shared.spec import AdapterSpec
 
 METHODS = ("pad", "zeropad", "fedavg", "hetlora", "flexlora", "kd")
@@ -59,3 +60,20 @@ def make_core(
     if method == "kd":
         return KDCore(spec, config, state, rank_levels=rank_levels, distiller=distiller)
     raise ConfigError(f"unknown aggregation method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def pad_config(settings: Settings) -> PadConfig:
+    """The core's PadConfig from the aggregator settings."""
+    a = settings.aggregator
+    return PadConfig(
+        padding=a.padding,
+        weighting=a.weighting,
+        beta=a.beta,
+        staleness=a.staleness,
+        staleness_a=a.staleness_a,
+        hinge_b=a.hinge_b,
+        max_staleness=a.max_staleness,
+        buffer_size=a.buffer_size,
+        server_lr=a.server_lr,
+        allowed_ranks=frozenset(a.allowed_ranks) or None,
+    )

@@ -36,14 +36,13 @@ from helora.aggregator.core import (
     Buffered,
     CoreState,
     Duplicate,
-    PadConfig,
     Rejected,
 )
 from helora.aggregator.failpoints import Failpoints
 from helora.aggregator.guards import NormGuard
 from helora.aggregator.intake import Intake
 from helora.aggregator.kd import Distiller
-from helora.aggregator.methods import make_core
+from helora.aggregator.methods import make_core, pad_config
 from helora.aggregator.metrics import AggregatorMetrics
 from helora.aggregator.persistence import Persistence
 from helora.broker.connection import close_connection, connect, retryable, service_until
@@ -75,22 +74,6 @@ class RunSummary:
     def line(self) -> str:
         parts = " ".join(f"{k}={v}" for k, v in sorted(self.outcomes.items()))
         return f"aggregator stopped at version {self.version}: {parts or 'no updates'}"
-
-
-def pad_config(settings: Settings) -> PadConfig:
-    a = settings.aggregator
-    return PadConfig(
-        padding=a.padding,
-        weighting=a.weighting,
-        beta=a.beta,
-        staleness=a.staleness,
-        staleness_a=a.staleness_a,
-        hinge_b=a.hinge_b,
-        max_staleness=a.max_staleness,
-        buffer_size=a.buffer_size,
-        server_lr=a.server_lr,
-        allowed_ranks=frozenset(a.allowed_ranks) or None,
-    )
 
 
 class AggregatorService:
@@ -154,10 +137,6 @@ class AggregatorService:
             rank_levels=a.rank_levels or None,
             distiller=distiller,
         )
-
-    # ---- startup and checkpoints ----
-
-    # ---- main loop ----
 
     # ---- main loop ----
 

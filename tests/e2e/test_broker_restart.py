@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,19 +16,10 @@ import pytest
 
 from helora.aggregator.checkpoint import load_checkpoint
 from tests.conftest import data_dir
+from tests.e2e.procs import TINY, events, spawn, stop
 from tests.integration.broker_node import BrokerNode
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-TINY = ["--max-train", "240", "--steps", "3", "--batch-size", "8", "--max-length", "32"]
-
-
-def spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "helora", *args],
-        env=env,
-        stdout=open(log, "wb"),
-        stderr=subprocess.STDOUT,
-    )
 
 
 def version(ckpt: Path) -> int:
@@ -54,23 +42,7 @@ def wait_version(ckpt: Path, at_least: int, procs, timeout: float) -> int:
 
 
 def published_ids(log: Path) -> set[str]:
-    ids = set()
-    for line in log.read_text(errors="replace").splitlines():
-        if '"update_published"' in line:
-            ids.add(json.loads(line)["update_id"])
-    return ids
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    return {e["update_id"] for e in events(log) if e.get("event") == "update_published"}
 
 
 def test_everyone_reconnects_after_a_broker_restart_and_nothing_confirmed_is_lost(tmp_path):

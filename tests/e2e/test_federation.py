@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -20,42 +16,9 @@ from helora.broker.connection import close_connection, connect
 from helora.broker.consumer import GlobalSubscriber
 from helora.broker.topology import Topology, declare_topology
 from tests.conftest import data_dir
+from tests.e2e.procs import TINY, events, spawn, stop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-TINY = ["--max-train", "240", "--steps", "3", "--batch-size", "8", "--max-length", "32"]
-
-
-def spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "helora", *args],
-        env=env,
-        stdout=open(log, "wb"),
-        stderr=subprocess.STDOUT,
-    )
-
-
-def events(log: Path) -> list[dict]:
-    out = []
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-    return out
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def test_two_workers_federate_and_a_late_worker_gets_the_current_global(
