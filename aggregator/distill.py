@@ -28,8 +28,7 @@ teacher lifted the weak slot (0.51 -> 0.76) and kept the others at the ensemble'
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,23 +36,10 @@ import torch
 from helora.aggregator.kd import kd_loss, teacher_logits
 from helora.shared.messages import Tensors
 from helora.worker.model import LoraClassifier, ModelConfig
+from helora.worker.train import mix_seed, seeded_batches
 
 DEFAULT_LR = 1e-3  # measured on SST-2 with MiniLM (see make_distiller)
 TEACHER_MODES = ("frozen", "mutual")
-
-
-def _mix_seed(seed: int, call: int) -> int:
-    digest = hashlib.blake2b(f"kd:{seed}:{call}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[list[int]]:
-    pool: list[int] = []
-    while True:
-        while len(pool) < batch_size:
-            pool.extend(torch.randperm(n, generator=gen).tolist())
-        yield pool[:batch_size]
-        del pool[:batch_size]
 
 
 class SlotDistiller:
@@ -118,8 +104,8 @@ class SlotDistiller:
             for r in ranks
         }
         tokenizer = models[ranks[0]].tokenizer
-        gen = torch.Generator().manual_seed(_mix_seed(self.seed, self.calls))
-        batches = _batches(len(self.texts), self.batch_size, gen)
+        gen = torch.Generator().manual_seed(mix_seed("kd", self.seed, self.calls))
+        batches = seeded_batches(len(self.texts), self.batch_size, gen)
         encoded = [
             tokenizer(
                 [self.texts[i] for i in next(batches)],

@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from helora.shared.errors import ConfigError
-from helora.simulate import DEFAULT_DATA, SimConfig, run_simulation
+from helora.sim_config import DEFAULT_DATA, SimConfig
+from helora.simulate import run_simulation
 
 
 def _parse_ints(text: str) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from helora.shared.messages import GlobalAdapter, Tensors
 
 if TYPE_CHECKING:
-    from helora.simulate import SimConfig
+    from helora.sim_config import SimConfig
 
 
 @dataclass

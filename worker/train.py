@@ -27,12 +27,14 @@ class TrainConfig:
     seed: int = 0
 
 
-def _mix_seed(seed: int, step: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+def mix_seed(*parts: object) -> int:
+    """A 63-bit seed from parts joined with ':' (e.g. (seed, step) or ("kd", seed, call))."""
+    text = ":".join(str(p) for p in parts)
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[list[int]]:
+def seeded_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[list[int]]:
     """Endless batches of ``batch_size`` indices, walking through fresh permutations of 0..n-1."""
     pool: list[int] = []
     while True:
@@ -81,9 +83,9 @@ def train_local(
     model = clf.model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    seed = _mix_seed(cfg.seed, step)
+    seed = mix_seed(cfg.seed, step)
     gen = torch.Generator().manual_seed(seed)
-    batches = _batches(len(texts), min(cfg.batch_size, len(texts)), gen)
+    batches = seeded_batches(len(texts), min(cfg.batch_size, len(texts)), gen)
 
     was_training = model.training
     model.train()
