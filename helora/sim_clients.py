@@ -85,6 +85,8 @@ def make_clients(
 Trainer = Callable[[SimClient, Tensors, int], tuple[Tensors, dict[str, float]]]
 # evaluator(global adapter, ranks) -> {rank: accuracy}
 Evaluator = Callable[[GlobalAdapter, Sequence[int]], dict[int, float]]
+# (global, slot weights) -> accuracy of the weighted mean of the slots' logits (KD)
+EnsembleEvaluator = Callable[[GlobalAdapter, dict[int, float]], float]
 
 
 @dataclass

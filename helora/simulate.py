@@ -39,7 +39,15 @@ from helora.shared.lora_ops import cut_to_rank, subtract
 from helora.shared.messages import AdapterUpdate, GlobalAdapter, Tensors
 from helora.shared.spec import AdapterSpec
 from helora.shared.wire import encode_update
-from helora.sim_clients import Evaluator, SimClient, Trainer, _Job, _uid, make_clients
+from helora.sim_clients import (
+    EnsembleEvaluator,
+    Evaluator,
+    SimClient,
+    Trainer,
+    _Job,
+    _uid,
+    make_clients,
+)
 from helora.sim_config import SimConfig
 from helora.sim_setup import _data, _initial, _model, method_kwargs, model_config, seed_everything
 
@@ -60,8 +68,10 @@ class Simulation:
         *,
         core_kwargs: dict[str, Any] | None = None,
         on_version: Callable[[int, float], None] | None = None,
+        ensemble: EnsembleEvaluator | None = None,
     ) -> None:
         self.cfg = cfg
+        self.ensemble = ensemble
         self.spec = spec
         self.clients = clients
         self.trainer = trainer
@@ -228,6 +238,12 @@ class Simulation:
         per_rank = {int(r): float(a) for r, a in self.evaluator(g, ranks).items()} if ranks else {}
         per_rank[R] = self.curve[-1][2]  # the last evaluation is the final global at R
         per_rank = dict(sorted(per_rank.items()))
+        ensemble = None  # KD (several slots): the slots' logits averaged with the teacher weights
+        if self.ensemble is not None and len(g.slots) > 1:
+            weights = dict(getattr(self.core, "last_teacher_weights", None) or {})
+            if not sum(weights.values()) > 0:
+                weights = {r: 1.0 for r in g.slots}
+            ensemble = float(self.ensemble(g, weights))
         counters = self.core.state.counters
         cfg = self.cfg
         target_time = None
@@ -241,6 +257,7 @@ class Simulation:
             "mode": cfg.mode,
             "accuracy": per_rank[cfg.R],
             "per_rank_accuracy": {str(r): a for r, a in per_rank.items()},
+            "ensemble_accuracy": ensemble,
             "curve": [list(p) for p in self.curve],
             "bytes_sent": self.bytes_sent,
             "updates": int(counters.get("applied", 0)),
@@ -268,8 +285,15 @@ def run_simulation(
     cfg: SimConfig, *, on_version: Callable[[int, float], None] | None = None
 ) -> dict[str, Any]:
     """One real simulated federation (model training included); returns the result dict."""
+    from helora.aggregator.kd import teacher_logits
     from helora.worker.partition import partition_indices
-    from helora.worker.train import TrainConfig, evaluate, train_local
+    from helora.worker.train import (
+        TrainConfig,
+        evaluate,
+        logits_metrics,
+        predict_logits,
+        train_local,
+    )
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -312,9 +336,25 @@ def run_simulation(
             out[r] = float(evaluate(clf, ev_texts, ev_labels)["accuracy"])
         return out
 
+    def ensemble(g: GlobalAdapter, weights: dict[int, float]) -> float:
+        logits = {}
+        for r, slot in g.slots.items():
+            clf = _model(mcfg, r)
+            clf.load_adapter_state(cut_to_rank(slot, r))
+            logits[r] = predict_logits(clf, ev_texts)
+        return logits_metrics(teacher_logits(logits, weights), ev_labels)["accuracy"]
+
     kwargs = method_kwargs(cfg, data, mcfg)
     sim = Simulation(
-        cfg, spec, initial, clients, trainer, evaluator, core_kwargs=kwargs, on_version=on_version
+        cfg,
+        spec,
+        initial,
+        clients,
+        trainer,
+        evaluator,
+        core_kwargs=kwargs,
+        on_version=on_version,
+        ensemble=ensemble,
     )
     started, cpu = time.monotonic(), time.process_time()
     result = sim.run()

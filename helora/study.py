@@ -73,6 +73,7 @@ RESULT_KEYS = (
     "mode",
     "accuracy",
     "per_rank_accuracy",
+    "ensemble_accuracy",
     "bytes_sent",
     "updates",
     "rejected",

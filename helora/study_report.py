@@ -83,6 +83,14 @@ def main_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
                 + " | ".join(per_rank)
                 + f" | {mb:.1f} | {upd:.0f} | {_time_to_target(rs)} |"
             )
+        for row in _order(by_row):
+            ens = [r["ensemble_accuracy"] for r in by_row[row] if r.get("ensemble_accuracy")]
+            if ens:
+                lines += [
+                    "",
+                    f"{LABELS.get(row, row)}, the slots' logit ensemble (weighted as the "
+                    f"distillation teacher): {mean_std(ens)} ({len(ens)} seeds)",
+                ]
         lines.append("")
     return lines
 

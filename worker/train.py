@@ -118,6 +118,26 @@ def train_local(
     }
 
 
+def predict_logits(
+    clf: LoraClassifier, texts: Sequence[str], *, batch_size: int = 64
+) -> torch.Tensor:
+    """The logits of ``clf`` on ``texts`` (N x num_labels, float32), in eval mode."""
+    if not texts:
+        raise ValueError("no texts to predict")
+    model = clf.model
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                enc = _encode(clf, texts[start : start + batch_size])
+                out.append(model(**enc).logits.float())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
 def evaluate(
     clf: LoraClassifier,
     texts: Sequence[str],
@@ -127,24 +147,15 @@ def evaluate(
 ) -> dict[str, float]:
     """Accuracy and mean cross-entropy of ``clf`` on the examples, in eval mode."""
     _check_data(texts, labels)
-    model = clf.model
-    was_training = model.training
-    model.eval()
-    correct = 0
-    loss_sum = 0.0
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                enc = _encode(clf, texts[start : start + batch_size])
-                target = torch.tensor(
-                    [int(y) for y in labels[start : start + batch_size]], dtype=torch.long
-                )
-                logits = model(**enc).logits
-                loss_sum += float(
-                    torch.nn.functional.cross_entropy(logits, target, reduction="sum")
-                )
-                correct += int((logits.argmax(dim=-1) == target).sum())
-    finally:
-        model.train(was_training)
-    n = len(texts)
-    return {"accuracy": correct / n, "loss": loss_sum / n}
+    logits = predict_logits(clf, texts, batch_size=batch_size)
+    return logits_metrics(logits, labels)
+
+
+def logits_metrics(logits: torch.Tensor, labels: Sequence[int]) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of precomputed logits (e.g. an ensemble's)."""
+    target = torch.tensor([int(y) for y in labels], dtype=torch.long)
+    if logits.shape[0] != target.shape[0]:
+        raise ValueError(f"{logits.shape[0]} logits for {target.shape[0]} labels")
+    loss = float(torch.nn.functional.cross_entropy(logits, target, reduction="mean"))
+    correct = int((logits.argmax(dim=-1) == target).sum())
+    return {"accuracy": correct / len(target), "loss": loss}

