@@ -25,6 +25,7 @@ from typing import Annotated, Any
 
 import typer
 
+from helora.shared.errors import ConfigError
 from helora.simulate import SimConfig, run_simulation, split_name
 from helora.study_plan import (
     KD_OPTIONS,
@@ -174,6 +175,10 @@ def report_from_cache(
 ) -> dict[str, Any]:
     """Rewrite results.json/.md and the plots from the cells cached so far (nothing is run)."""
     cells = plan_cells(plan, data_dir, rows)
+    if not (out / "cells").is_dir():
+        raise ConfigError(
+            f"no cached cells in {out / 'cells'}: run the study first (without --report-only)"
+        )
     results = []
     for cell in cells:
         path = out / "cells" / f"{cell.key}.json"
@@ -264,7 +269,11 @@ def study_command(
         unknown = set(selected) - set(ROWS)
         if unknown:
             raise typer.BadParameter(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
-    if report_only:
-        report_from_cache(out, plan, data_dir, rows=selected)
-        return
-    run_study(out, plan, data_dir, rows=selected)
+    try:
+        if report_only:
+            report_from_cache(out, plan, data_dir, rows=selected)
+        else:
+            run_study(out, plan, data_dir, rows=selected)
+    except (ConfigError, ValueError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None

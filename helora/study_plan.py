@@ -211,6 +211,13 @@ def base_config(**overrides: Any) -> SimConfig:
         mean_online=40.0,
         max_train=6000,
         threads=2,
+        # HeLoRA-Pad as HELORA_METHOD.md section 0 reads it, pinned so that the study's cells
+        # (and their cache keys) do not move when the library's defaults do
+        padding="context",
+        weighting="rank",
+        beta=1.0,
+        staleness="polynomial",
+        staleness_a=0.5,
     )
     defaults.update(overrides)
     return SimConfig(**defaults)

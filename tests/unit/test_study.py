@@ -113,3 +113,19 @@ def test_plans_rows_and_report_without_training(tmp_path):
     assert sync_ratio(rows)["mean_ratio"] == pytest.approx(2.5)
     md = render_markdown(rows, {"command": "x", "run_seconds": 1.0, "base": base.to_dict()})
     assert "padding \\ weighting" in md and "2.50x" in md
+    # the KD row's logit ensemble gets its own line under the table
+    kd = next(r for r in rows if r["row"] == "kd")
+    kd["ensemble_accuracy"] = 0.7
+    assert "logit ensemble (weighted as the distillation teacher): 0.700" in render_markdown(
+        rows, {"command": "x", "run_seconds": 1.0, "base": base.to_dict()}
+    )
+
+
+def test_report_only_without_cached_cells_is_a_clear_error(tmp_path):
+    from pathlib import Path
+
+    from helora.shared.errors import ConfigError
+    from helora.study import report_from_cache
+
+    with pytest.raises(ConfigError, match="no cached cells"):
+        report_from_cache(tmp_path / "nothing", StudyPlan.quick(base_config()), Path("/data"))
