@@ -37,9 +37,10 @@ from helora.shared.spec import AdapterSpec
 
 @dataclass(frozen=True)
 class PadConfig:
-    """HeLoRA-Pad settings; the defaults are HELORA_METHOD.md section 0's."""
+    """HeLoRA-Pad settings: HELORA_METHOD.md section 0's defaults, except zero padding (the study
+    measured context padding worse at rank R; README "Accuracy study")."""
 
-    padding: Padding = Padding.CONTEXT
+    padding: Padding = Padding.ZERO
     weighting: Weighting = Weighting.RANK
     beta: float = 1.0
     staleness: Staleness = Staleness.POLYNOMIAL

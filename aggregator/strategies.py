@@ -94,7 +94,7 @@ class PadAccumulator:
     """Running sums for one buffer of HeLoRA-Pad (or zero-pad FedAvg) aggregation."""
 
     max_rank: int
-    padding: Padding = Padding.CONTEXT
+    padding: Padding = Padding.ZERO
     weighting: Weighting = Weighting.RANK
     beta: float = 1.0
 

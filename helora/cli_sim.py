@@ -35,7 +35,7 @@ def simulate_command(
     lr: Annotated[float, typer.Option(help="Local AdamW learning rate.")] = 2e-3,
     buffer_size: Annotated[int, typer.Option(help="K updates per version (async).")] = 3,
     versions: Annotated[int, typer.Option(help="Stop after this many versions.")] = 8,
-    padding: Annotated[str, typer.Option(help="zero, mean, context or adjacent.")] = "context",
+    padding: Annotated[str, typer.Option(help="zero, mean, context or adjacent.")] = "zero",
     weighting: Annotated[str, typer.Option(help="data, rank or coverage.")] = "rank",
     staleness: Annotated[str, typer.Option(help="polynomial, hinge or constant.")] = "polynomial",
     stragglers: Annotated[float, typer.Option(help="Fraction of straggler clients.")] = 0.34,

@@ -48,7 +48,7 @@ class SimConfig:
     availability: float = 1.0
     mean_online: float = 150.0
     # aggregation (PadConfig) settings
-    padding: str = "context"
+    padding: str = "zero"
     weighting: str = "rank"
     beta: float = 1.0
     staleness: str = "polynomial"

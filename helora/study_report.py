@@ -9,18 +9,29 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-ROW_ORDER = ("fedavg_rmin", "fedavg_rmax", "zeropad", "hetlora", "flexlora", "pad", "kd")
+ROW_ORDER = (
+    "fedavg_rmin",
+    "fedavg_rmax",
+    "zeropad",
+    "hetlora",
+    "flexlora",
+    "pad",
+    "pad_zero",
+    "kd",
+)
 LABELS = {
     "fedavg_rmin": "FedAvg r=min",
     "fedavg_rmax": "FedAvg r=max",
     "zeropad": "zero-pad",
     "hetlora": "HetLoRA",
     "flexlora": "FlexLoRA",
-    "pad": "HeLoRA-Pad (context, rank)",
+    "pad": "HeLoRA-Pad (context, rank; section 0)",
+    "pad_zero": "HeLoRA-Pad (zero, rank; default)",
     "kd": "HeLoRA-KD",
 }
 PADDINGS = ("zero", "mean", "context", "adjacent")
 WEIGHTINGS = ("data", "rank", "coverage")
+MARKS = {("context", "rank"): " (section 0)", ("zero", "rank"): " (default)"}
 
 
 def mean_std(values: Sequence[float]) -> str:
@@ -99,12 +110,19 @@ def _reference_pad(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     abl = [r for r in rows if r["group"] in ("ablation", "staleness")]
     if not abl:
         return None
-    ref = abl[0]
+    return _main_row_like(rows, "pad", abl[0])
+
+
+def _main_row_like(
+    rows: Sequence[dict[str, Any]], row: str, like: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The main-group result of ``row`` on the dataset, split and seed of ``like``."""
     for r in rows:
         if (
             r["group"] == "main"
-            and r["row"] == "pad"
-            and (r["dataset"], r["split"], r["seed"]) == (ref["dataset"], ref["split"], ref["seed"])
+            and r["row"] == row
+            and (r["dataset"], r["split"], r["seed"])
+            == (like["dataset"], like["split"], like["seed"])
         ):
             return r
     return None
@@ -120,6 +138,9 @@ def ablation_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
         cells[(r["config"]["padding"], r["config"]["weighting"])] = r
     if ref is not None:
         cells.setdefault(("context", "rank"), ref)
+        zero = _main_row_like(rows, "pad_zero", ref)
+        if zero is not None:
+            cells.setdefault(("zero", "rank"), zero)
     some = next(iter(cells.values()))
     lines = [
         f"### HeLoRA-Pad ablation: padding x weighting ({some['dataset']} / {some['split']}, "
@@ -138,14 +159,14 @@ def ablation_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
                 vals.append("-")
             else:
                 pr = list(r["per_rank_accuracy"].values())
-                star = " (default)" if (p, w) == ("context", "rank") else ""
+                star = MARKS.get((p, w), "")
                 vals.append(f"{r['accuracy']:.3f} / {statistics.fmean(pr):.3f}{star}")
         lines.append(f"| {p} | " + " | ".join(vals) + " |")
     lines.append("")
     stale = [r for r in rows if r["group"] == "staleness"]
     if stale:
         lines += [
-            "### Staleness weighting on/off (same cell as above)",
+            "### Staleness weighting on/off (HeLoRA-Pad context/rank, the cell above)",
             "",
             "| staleness | accuracy at R | mean over ranks | virtual time to target | "
             "staleness histogram |",

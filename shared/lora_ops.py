@@ -22,9 +22,9 @@ LORA_B = ".lora_B."
 
 
 class Padding(StrEnum):
-    ZERO = "zero"  # missing components are zero
+    ZERO = "zero"  # missing components are zero (default; the study found context worse at R)
     MEAN = "mean"  # one scalar: the mean of all entries of the matrix
-    CONTEXT = "context"  # each missing component = mean of the client's own components (default)
+    CONTEXT = "context"  # each missing component = mean of the client's own components
     ADJACENT = "adjacent"  # copy of the last existing component
 
 
@@ -94,7 +94,7 @@ def _pad_rows(a: torch.Tensor, target: int, mode: Padding) -> torch.Tensor:
     return torch.cat([a, fill], dim=0)
 
 
-def pad_to_rank(tensors: Tensors, target: int, mode: Padding | str = Padding.CONTEXT) -> Tensors:
+def pad_to_rank(tensors: Tensors, target: int, mode: Padding | str = Padding.ZERO) -> Tensors:
     """Pad every LoRA pair of a rank-r adapter (or delta) to rank ``target``; full tensors as is."""
     mode = Padding(mode)
     out: Tensors = {}

@@ -50,7 +50,7 @@ class AggregatorSettings(_Frozen):
     kd_temperature: float = Field(1.0, gt=0)
     checkpoint_dir: Path = Path("checkpoints")
     keep_checkpoints: int = Field(3, ge=1)
-    padding: Literal["zero", "mean", "context", "adjacent"] = "context"
+    padding: Literal["zero", "mean", "context", "adjacent"] = "zero"
     weighting: Literal["data", "rank", "coverage"] = "rank"
     beta: float = Field(1.0, ge=0)
     staleness: Literal["polynomial", "hinge", "constant"] = "polynomial"

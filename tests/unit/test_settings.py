@@ -10,7 +10,7 @@ def test_defaults_and_secret_url():
     s = load_settings()
     assert s.amqp_url.get_secret_value() == DEFAULT_AMQP_URL
     assert "guest" not in repr(s)
-    assert s.aggregator.buffer_size == 4 and s.aggregator.padding == "context"
+    assert s.aggregator.buffer_size == 4 and s.aggregator.padding == "zero"
 
 
 def test_env_nested_and_flags_override(monkeypatch):
