@@ -129,3 +129,22 @@ def test_report_only_without_cached_cells_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="no cached cells"):
         report_from_cache(tmp_path / "nothing", StudyPlan.quick(base_config()), Path("/data"))
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "expected"),
+    [
+        ({0: 0.80, 1: 0.81, 2: 0.79}, {0: 0.75, 1: 0.76, 2: 0.74}, ("win", 3)),  # +0.05, sd 0
+        ({0: 0.70, 1: 0.71, 2: 0.69}, {0: 0.75, 1: 0.76, 2: 0.74}, ("loss", 3)),
+        ({0: 0.76, 1: 0.75}, {0: 0.75, 1: 0.76}, ("tie", 2)),  # mean 0 with spread
+        ({0: 0.85, 1: 0.60}, {0: 0.75, 1: 0.62}, ("tie", 2)),  # +0.04 but sd 0.085 > 0.04
+        ({0: 0.80, 5: 0.1}, {0: 0.76}, ("win", 1)),  # only seed 0 is paired; 0.04 > 0.03
+        ({0: 0.78}, {0: 0.76}, ("tie", 1)),
+    ],
+)
+def test_verdict_pairs_seeds_and_needs_more_than_noise(ours, theirs, expected):
+    from helora.study_verdict import verdict
+
+    v = verdict(ours, theirs)
+    assert (v["verdict"], v["n"]) == expected
+    assert verdict(ours, {9: 0.5}) is None
