@@ -101,7 +101,8 @@ def main_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
                 lines += [
                     "",
                     f"{LABELS.get(row, row)}, the slots' logit ensemble (weighted as the "
-                    f"distillation teacher): {mean_std(ens)} ({len(ens)} seeds)",
+                    f"distillation teacher): {mean_std(ens)} "
+                    f"({len(ens)} seed{'s' * (len(ens) > 1)})",
                 ]
         lines.append("")
     return lines
