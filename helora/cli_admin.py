@@ -15,7 +15,7 @@ from helora.shared.errors import HeloraError
 from helora.shared.logging import configure_logging
 
 if TYPE_CHECKING:
-    from helora.broker.admin import ManagementBackend, RabbitmqctlBackend
+    from helora.broker.admin import ManagementBackend, NewUser, RabbitmqctlBackend
 
 admin_app = typer.Typer(
     help="Per-client RabbitMQ users: publish only their own updates, read only the global.",
@@ -102,9 +102,7 @@ def add_client_cmd(
         f"HELORA_WORKER__CLIENT_ID={client_id}",
         err=True,
     )
-    if new.generated:
-        typer.echo("password (shown only this once; store it now):", err=True)
-        typer.echo(new.password)
+    _show_generated_password(new)
 
 
 @admin_app.command(
@@ -198,6 +196,11 @@ def add_aggregator_cmd(
         f"configure/write/read {new.grants.configure}",
         err=True,
     )
+    _show_generated_password(new)
+
+
+def _show_generated_password(new: NewUser) -> None:
+    """A generated password goes alone to stdout, once (the notes go to stderr)."""
     if new.generated:
         typer.echo("password (shown only this once; store it now):", err=True)
         typer.echo(new.password)

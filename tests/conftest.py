@@ -18,6 +18,22 @@ LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The smallest real simulated federation (2 clients, 2 versions): seconds on a CPU.
+TINY_SIMULATION = dict(
+    num_clients=2,
+    ranks=(2, 4),
+    local_steps=2,
+    batch_size=8,
+    buffer_size=1,
+    max_versions=2,
+    max_train=100,
+    eval_size=32,
+    public_size=16,
+    min_client_size=8,
+    max_length=32,
+)
+
+
 def data_dir() -> Path:
     """The datasets: HELORA_DATA_DIR, else ../shared/data beside the checkout."""
     return Path(os.environ.get("HELORA_DATA_DIR", REPO.parent / "shared" / "data"))

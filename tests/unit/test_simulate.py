@@ -9,7 +9,7 @@ import torch
 
 from helora.shared.spec import AdapterSpec
 from helora.simulate import SimConfig, Simulation, make_clients, run_simulation
-from tests.conftest import data_dir
+from tests.conftest import TINY_SIMULATION, data_dir
 
 R = 8
 NAMES = ("m.l0.query.lora_A.weight", "m.l0.query.lora_B.weight", "m.classifier.weight")
@@ -147,17 +147,7 @@ def test_fake_simulation_is_deterministic_per_seed():
 def test_real_simulation_same_seed_same_result_other_seed_differs():
     cfg = SimConfig(
         data=str(data_dir() / "sst2"),
-        num_clients=2,
-        ranks=(2, 4),
-        local_steps=2,
-        batch_size=8,
-        buffer_size=1,
-        max_versions=2,
-        max_train=100,
-        eval_size=32,
-        public_size=16,
-        min_client_size=8,
-        max_length=32,
+        **TINY_SIMULATION,
         seed=1,
     )
     first = run_simulation(cfg)

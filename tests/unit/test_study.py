@@ -15,24 +15,11 @@ from helora.study import (
     run_study,
 )
 from helora.study_report import render_markdown, sync_ratio
-from tests.conftest import data_dir
+from tests.conftest import TINY_SIMULATION, data_dir
 
 
 def tiny_plan() -> StudyPlan:
-    base = base_config(
-        num_clients=2,
-        ranks=(2, 4),
-        local_steps=2,
-        batch_size=8,
-        buffer_size=1,
-        max_versions=2,
-        max_train=100,
-        eval_size=32,
-        public_size=16,
-        min_client_size=8,
-        max_length=32,
-        availability=1.0,
-    )
+    base = base_config(**TINY_SIMULATION, availability=1.0)
     return StudyPlan(
         datasets=("sst2",),
         main_splits=("iid",),
